@@ -1,0 +1,26 @@
+"""migralake jobs: each is a module with ``run(spark, cfg)`` (see jobs/cli.py).
+
+The registry below maps a job name to its module and a one-line description;
+``./spark-submit.sh --help`` prints it without importing any job.
+"""
+
+from __future__ import annotations
+
+JOBS: dict[str, tuple[str, str]] = {
+    "demo": (
+        "jobs.demo.main",
+        "Generate synthetic inputs with a known truth and run every pipeline end to end",
+    ),
+    "cdr.ingest": (
+        "jobs.cdr.ingest",
+        "CDR event files + cells -> bronze.cdr_events (pseudonymised) and quarantine.cdr_events",
+    ),
+    "cdr.mobility": (
+        "jobs.cdr.mobility",
+        "bronze.cdr_events -> silver daily locations -> gold presence",
+    ),
+    "tables": (
+        "jobs.tables",
+        "List the registered tables: location, current version, rows and description",
+    ),
+}

@@ -1,0 +1,1 @@
+"""CDR pipeline: ingest (bronze), daily and home locations (silver), mobility statistics (gold)."""

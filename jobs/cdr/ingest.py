@@ -1,0 +1,319 @@
+"""CDR ingest: event files + cells table -> bronze.cdr_events, silver.cdr_cells, quarantines.
+
+Reads: event files named in ``cdr.inputs`` (CSV or Parquet, FlowDB layout or
+mapped through ``cdr.column_mapping``), ``cdr.cells_path``, ``cdr.admin_paths``.
+Writes: ``silver.cdr_cells``, ``quarantine.cdr_cells``, ``bronze.cdr_events``
+and ``quarantine.cdr_events`` for the configured period (re-running replaces it).
+
+Every input row ends in exactly one of bronze or quarantine (checked: rows in =
+accepted + quarantined). Subscriber ids of both parties are replaced by keyed
+HMAC-SHA256 pseudonyms before anything is written; other identifiers in the
+files (IMSI, IMEI, ...) are never read.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+
+import pandas as pd
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from lib import geo
+from lib.config import CdrInput, CdrSettings, Config, ConfigError
+from lib.privacy.pseudonym import load_key, pseudonym_column
+from lib.runtime import log, stage
+from lib.tables import Lakehouse
+
+DESCRIPTION = "CDR event files + cells -> bronze.cdr_events (pseudonymised) and quarantine.cdr_events"
+
+# Our column names -> FlowDB names (the default mapping).
+REQUIRED = ("start_time", "msisdn", "location_id")
+OPTIONAL = ("msisdn_counterpart", "outgoing", "duration")
+MSISDN_PATTERN = r"^[0-9]{6,15}$"
+REASONS = (
+    "unparseable_time",
+    "null_subscriber",
+    "malformed_subscriber",
+    "outside_period",
+    "unknown_cell",
+    "duplicate",
+)
+
+
+class InputError(ValueError):
+    """An input file set that cannot be read as events; names the path and the reason."""
+
+
+# ----------------------------------------------------------------------------- extract
+
+
+def read_events(spark: SparkSession, source: CdrInput, mapping: dict[str, str]) -> DataFrame:
+    """Raw rows of one input as strings, renamed to our column names, with source_file."""
+    try:
+        if source.format == "csv":
+            raw = spark.read.option("header", True).option("mode", "PERMISSIVE").csv(source.path)
+        else:
+            raw = spark.read.parquet(source.path)
+    except Exception as exc:  # noqa: BLE001 - AnalysisException for missing paths and more
+        raise InputError(f"{source.path}: cannot read {source.format} event files: {exc}") from None
+    cols = {}
+    for ours in (*REQUIRED, *OPTIONAL):
+        theirs = mapping.get(ours, ours)
+        if theirs in raw.columns:
+            cols[ours] = F.col(f"`{theirs}`").cast("string")
+        elif ours in REQUIRED:
+            raise InputError(
+                f"{source.path}: required column '{theirs}' (for {ours}) not found; columns are "
+                f"{raw.columns}. Map it with cdr.column_mapping.{ours}"
+            )
+        else:
+            cols[ours] = F.lit(None).cast("string")
+    return raw.select(
+        *[c.alias(n) for n, c in cols.items()],
+        F.lit(source.event_type).alias("event_type"),
+        F.input_file_name().alias("source_file"),
+    )
+
+
+def read_cells(path: str) -> pd.DataFrame:
+    """The cells table (small: read on the driver)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{path}: cells file not found")
+    df = pd.read_csv(p, dtype=str, keep_default_na=False) if p.suffix != ".parquet" else pd.read_parquet(p)
+    missing = {"cell_id", "longitude", "latitude"} - set(df.columns)
+    if missing:
+        raise InputError(f"{path}: cells table lacks columns {sorted(missing)} (has {list(df.columns)})")
+    for col in ("site_id", "valid_from", "valid_to"):
+        if col not in df.columns:
+            df[col] = ""
+    return df
+
+
+# ----------------------------------------------------------------------------- transform
+
+
+def place_cells(cells: pd.DataFrame, cdr: CdrSettings, source_file: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(usable cells with H3 and admin areas, quarantined cells with reasons)."""
+    rows = cells.copy()
+    rows["source_file"] = source_file
+    rows["longitude"] = pd.to_numeric(rows["longitude"], errors="coerce")
+    rows["latitude"] = pd.to_numeric(rows["latitude"], errors="coerce")
+    for col in ("valid_from", "valid_to"):
+        rows[col] = pd.to_datetime(rows[col].replace("", None), errors="coerce", format="ISO8601").dt.date
+    bad_coord = rows["longitude"].isna() | rows["latitude"].isna() | ~rows["latitude"].between(-90, 90) \
+        | ~rows["longitude"].between(-180, 180)
+    bad_id = rows["cell_id"].isna() | (rows["cell_id"].str.strip() == "")
+    reasons = pd.Series([None] * len(rows), index=rows.index, dtype=object)
+    reasons[bad_id] = "missing cell_id"
+    reasons[bad_coord & reasons.isna()] = "invalid or missing coordinates"
+    ok = rows[reasons.isna()]
+    if not ok.empty:
+        boundaries = {level: geo.read_boundaries(path, level) for level, path in sorted(cdr.admin_paths.items())}
+        placed = geo.assign_areas(ok, boundaries, cdr.nearest_area_max_km)
+        reasons.loc[placed.index] = placed["unassigned_reason"]
+        for level in boundaries:
+            rows.loc[placed.index, level] = placed[level]
+        rows.loc[placed.index, "assignment"] = placed["assignment"]
+        rows.loc[placed.index, "h3_index"] = geo.h3_cells(
+            placed["latitude"].to_numpy(), placed["longitude"].to_numpy(), cdr.h3_resolution
+        )
+    # Overlapping validity of one cell id would make events ambiguous.
+    good = rows[reasons.isna()].sort_values(["cell_id", "valid_from"], na_position="first")
+    lo = good["valid_from"].map(lambda d: d or date.min)
+    hi = good["valid_to"].map(lambda d: d or date.max)
+    prev_hi = hi.groupby(good["cell_id"]).shift(1)
+    overlap = prev_hi.notna() & (lo <= prev_hi.fillna(date.min))
+    reasons.loc[good.index[overlap.to_numpy()]] = "validity overlaps another row of the same cell_id"
+    usable = rows[reasons.isna()]
+    for level in ("admin1", "admin2"):
+        if level not in usable.columns:
+            usable = usable.assign(**{level: None})
+    quarantined = rows[reasons.notna()].assign(reason=reasons[reasons.notna()])
+    return usable, quarantined
+
+
+def parse_time(col: Column, fmt: str | None) -> Column:
+    return F.try_to_timestamp(col, F.lit(fmt)) if fmt else F.try_to_timestamp(col)
+
+
+def classify_events(
+    events: DataFrame,
+    cells: DataFrame,
+    start: date,
+    end: date,
+    key: bytes,
+    timestamp_format: str | None = None,
+) -> DataFrame:
+    """Parse, validate and pseudonymise raw events; ``reason`` is null for accepted rows.
+
+    The first failing rule gives the reason, in the order of :data:`REASONS`.
+    Raw MSISDNs do not survive this function: only their pseudonyms do.
+    """
+    msisdn = F.regexp_replace(F.trim(F.col("msisdn")), r"^\+", "")
+    counterpart = F.regexp_replace(F.trim(F.col("msisdn_counterpart")), r"^\+", "")
+    parsed = events.select(
+        F.col("start_time").alias("raw_time"),
+        parse_time(F.trim(F.col("start_time")), timestamp_format).alias("event_time"),
+        msisdn.alias("_msisdn"),
+        F.when(counterpart != "", counterpart).alias("_counterpart"),
+        F.trim(F.col("location_id")).alias("cell_id"),
+        F.col("event_type"),
+        F.lower(F.trim(F.col("outgoing"))).isin("1", "true", "t", "yes", "y").alias("_out"),
+        F.col("outgoing").alias("_raw_out"),
+        F.col("duration").cast("double").alias("duration_s"),
+        F.col("source_file"),
+    )
+    parsed = parsed.withColumn("outgoing", F.when(F.col("_raw_out").isNotNull(), F.col("_out"))).drop("_out", "_raw_out")
+    parsed = parsed.withColumn("event_date", F.to_date("event_time"))
+    valid_cells = cells.select(
+        F.col("cell_id").alias("_cell"), F.col("valid_from").alias("_from"), F.col("valid_to").alias("_to")
+    )
+    in_validity = (F.col("cell_id") == F.col("_cell")) & (
+        F.col("_from").isNull() | (F.col("event_date") >= F.col("_from"))
+    ) & (F.col("_to").isNull() | (F.col("event_date") <= F.col("_to")))
+    joined = parsed.join(F.broadcast(valid_cells), on=in_validity, how="left")
+    reason = (
+        F.when(F.col("event_time").isNull(), F.lit("unparseable_time"))
+        .when(F.col("_msisdn").isNull() | (F.col("_msisdn") == ""), F.lit("null_subscriber"))
+        .when(~F.col("_msisdn").rlike(MSISDN_PATTERN), F.lit("malformed_subscriber"))
+        .when((F.col("event_date") < F.lit(start)) | (F.col("event_date") > F.lit(end)), F.lit("outside_period"))
+        .when(F.col("_cell").isNull(), F.lit("unknown_cell"))
+    )
+    tagged = joined.withColumn("reason", reason).drop("_cell", "_from", "_to")
+    # Exact duplicates among otherwise valid rows: the first copy is kept.
+    dup_key = ["_msisdn", "event_time", "cell_id", "event_type", "_counterpart", "outgoing", "duration_s"]
+    w = Window.partitionBy(*dup_key).orderBy("source_file")
+    tagged = tagged.withColumn(
+        "reason",
+        F.when(F.col("reason").isNull() & (F.row_number().over(w) > 1), F.lit("duplicate")).otherwise(F.col("reason")),
+    )
+    return tagged.select(
+        "reason",
+        "raw_time",
+        "event_time",
+        "event_date",
+        pseudonym_column(F.when(F.col("_msisdn") != "", F.col("_msisdn")), key).alias("subscriber_id"),
+        pseudonym_column("_counterpart", key).alias("counterpart_id"),
+        "cell_id",
+        "event_type",
+        "outgoing",
+        "duration_s",
+        "source_file",
+    )
+
+
+def accepted_events(tagged: DataFrame) -> DataFrame:
+    return tagged.filter(F.col("reason").isNull()).select(
+        "event_time", "event_date", "subscriber_id", "counterpart_id", "cell_id", "event_type", "outgoing",
+        "duration_s", "source_file",
+    )
+
+
+def quarantined_events(tagged: DataFrame, period_start: date) -> DataFrame:
+    detail = (
+        F.when(F.col("reason") == "unparseable_time", F.lit("start_time is not a timestamp in the expected format"))
+        .when(F.col("reason") == "outside_period", F.concat(F.lit("event date "), F.col("event_date").cast("string"),
+                                                             F.lit(" outside the requested period")))
+        .when(F.col("reason") == "unknown_cell", F.concat(F.lit("no cell '"), F.coalesce(F.col("cell_id"), F.lit("")),
+                                                           F.lit("' valid on that date")))
+        .when(F.col("reason") == "malformed_subscriber", F.lit("subscriber id is not 6-15 digits (pseudonymised)"))
+        .when(F.col("reason") == "duplicate", F.lit("exact copy of an accepted event"))
+        .when(F.col("reason") == "null_subscriber", F.lit("subscriber id missing"))
+    )
+    return tagged.filter(F.col("reason").isNotNull()).select(
+        F.lit(period_start).alias("period_start"),
+        "source_file",
+        "reason",
+        detail.alias("detail"),
+        "raw_time",
+        "subscriber_id",
+        "cell_id",
+    )
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def require_period(cfg: Config, job: str) -> tuple[date, date]:
+    if cfg.period.start is None or cfg.period.end is None:
+        raise ConfigError(f"{job} needs a period: --period START:END (or period.start / period.end)")
+    return cfg.period.start, cfg.period.end
+
+
+def ingest_cells(spark: SparkSession, cfg: Config, lake: Lakehouse) -> DataFrame:
+    cdr = cfg.cdr
+    if not cdr.cells_path:
+        raise ConfigError("cdr.cells_path: the cells table is required for ingest")
+    with stage("cdr.cells") as st:
+        raw = read_cells(cdr.cells_path)
+        st.rows_in = len(raw)
+        usable, quarantined = place_cells(raw, cdr, cdr.cells_path)
+        cells_df = spark.createDataFrame(
+            usable.assign(site_id=usable["site_id"].replace("", None))[
+                ["cell_id", "site_id", "longitude", "latitude", "valid_from", "valid_to", "h3_index", "admin1",
+                 "admin2", "assignment"]
+            ].astype(object).where(usable.notna(), None),
+            schema=lake_schema("silver.cdr_cells"),
+        )
+        lake.write(cells_df, "silver.cdr_cells", mode="overwrite")
+        q = quarantined.reindex(columns=["cell_id", "source_file", "reason", "longitude", "latitude"])
+        lake.write(
+            spark.createDataFrame(q.astype(object).where(q.notna(), None), schema=lake_schema("quarantine.cdr_cells")),
+            "quarantine.cdr_cells",
+            mode="overwrite",
+        )
+        st.rows_out = len(usable)
+        st.notes["quarantined"] = len(quarantined)
+        if len(usable) + len(quarantined) != len(raw):
+            raise RuntimeError(f"cells: {len(raw)} in but {len(usable)} + {len(quarantined)} out")
+    return lake.read("silver.cdr_cells")
+
+
+def lake_schema(name: str):  # type: ignore[no-untyped-def]
+    from lib.tables import spec
+
+    return spec(name).schema
+
+
+def run(spark: SparkSession, cfg: Config) -> None:
+    start, end = require_period(cfg, "cdr.ingest")
+    if not cfg.cdr.inputs:
+        raise ConfigError("cdr.inputs: no event files configured")
+    key = load_key(cfg.pseudonym)
+    lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
+    cells = ingest_cells(spark, cfg, lake)
+
+    raw = None
+    for source in cfg.cdr.inputs:
+        part = read_events(spark, source, cfg.cdr.column_mapping)
+        raw = part if raw is None else raw.unionByName(part)
+    assert raw is not None
+    tagged = classify_events(raw, cells, start, end, key, cfg.cdr.timestamp_format).persist(
+        StorageLevel.MEMORY_AND_DISK
+    )
+    with stage("cdr.ingest -> bronze.cdr_events") as st:
+        rows_in = tagged.count()
+        st.rows_in = rows_in
+        accepted = lake.write(accepted_events(tagged), "bronze.cdr_events", period=(start, end))
+        quarantined = lake.write(quarantined_events(tagged, start), "quarantine.cdr_events", period=(start, start))
+        st.rows_out = accepted.rows_written
+        st.notes["quarantined"] = quarantined.rows_written
+    tagged.unpersist()
+    if accepted.rows_written + quarantined.rows_written != rows_in:
+        raise RuntimeError(
+            f"row conservation failed: {rows_in} rows in, {accepted.rows_written} accepted + "
+            f"{quarantined.rows_written} quarantined"
+        )
+    by_reason = (
+        lake.read("quarantine.cdr_events").filter(F.col("period_start") == F.lit(start))
+        .groupBy("reason").count().collect()
+    )
+    log.info(
+        "cdr.ingest: %d rows in = %d accepted + %d quarantined (%s)",
+        rows_in, accepted.rows_written, quarantined.rows_written,
+        ", ".join(f"{r['reason']}={r['count']}" for r in sorted(by_reason, key=lambda r: r["reason"])) or "none",
+    )

@@ -1,0 +1,347 @@
+"""Typed configuration: conf/*.yaml -> validated pydantic models, before Spark starts.
+
+Layers, later ones winning key by key:
+
+1. ``conf/base.yaml`` (always),
+2. a profile, ``conf/<profile>.yaml`` (``demo`` by default),
+3. any files given with ``--conf FILE`` (in order),
+4. environment variables ``MIGRALAKE__<SECTION>__<KEY>=value`` (``__`` separates levels),
+5. ``--set section.key=value`` from the command line (in order).
+
+Values from the environment and from ``--set`` are parsed as YAML scalars, so
+``--set spark.shuffle_partitions=8`` gives an int and ``--set cdr.enabled=false``
+a bool. Every error is a :class:`ConfigError` naming the source (file,
+environment variable or ``--set``), the dotted key and what was expected.
+
+Reads no tables and writes none.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import date
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# The checkout the job runs from (spark-submit.sh exports it; lib/ may be imported from a zip).
+PROJECT_ROOT = Path(os.environ.get("MIGRALAKE_HOME") or Path(__file__).resolve().parent.parent)
+CONF_DIR = PROJECT_ROOT / "conf"
+ENV_PREFIX = "MIGRALAKE__"
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can act on: source, key and expectation."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class SparkSettings(_Section):
+    """How the one SparkSession is built (see lib/spark.py)."""
+
+    master: str = "local[*]"
+    app_name: str = "migralake"
+    shuffle_partitions: int = Field(8, ge=1, le=100_000)
+    delta_snapshot_partitions: int = Field(4, ge=1, le=10_000)
+    driver_memory: str = Field("4g", pattern=r"^\d+[kmgtKMGT]?$")
+    log_level: Literal["ERROR", "WARN", "INFO", "DEBUG"] = "ERROR"
+    show_progress: bool = True
+    conf: dict[str, str] = Field(default_factory=dict)
+
+
+class LakehouseSettings(_Section):
+    """Where the Delta tables live: a local folder or an object-store URI."""
+
+    root: str = "lakehouse"
+    exports_dir: str = "exports"
+    reports_dir: str = "reports"
+
+    @field_validator("root", "exports_dir", "reports_dir")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be a non-empty path or URI")
+        return v.strip()
+
+    def is_local(self) -> bool:
+        return "://" not in self.root or self.root.startswith("file://")
+
+    def resolved_root(self) -> str:
+        """Absolute local path, or the URI unchanged for object stores."""
+        if not self.is_local():
+            return self.root.rstrip("/")
+        raw = self.root.removeprefix("file://")
+        path = Path(raw)
+        if not path.is_absolute():
+            path = PROJECT_ROOT / path
+        return str(path)
+
+    def resolved_local_dir(self, which: str) -> Path:
+        path = Path(getattr(self, which))
+        return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+class PeriodSettings(_Section):
+    """The period a job processes; re-running a period replaces it."""
+
+    start: date | None = None
+    end: date | None = None  # inclusive
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PeriodSettings:
+        if self.start and self.end and self.end < self.start:
+            raise ValueError(f"end {self.end} is before start {self.start}")
+        return self
+
+
+class PseudonymSettings(_Section):
+    """Where the HMAC key for pseudonymising identifiers comes from (never conf/ itself)."""
+
+    key_env: str = "MIGRALAKE_PSEUDONYM_KEY"
+    key_file: str | None = None  # a secrets file outside the repository (e.g. /run/secrets/...)
+    demo_generate: bool = False  # only the demo profile may generate a throwaway key
+
+
+class CdrInput(_Section):
+    """One set of event files (glob or folder) of one event type."""
+
+    path: str
+    event_type: Literal["call", "sms", "mds", "topup"]
+    format: Literal["csv", "parquet"] = "csv"
+
+
+class CdrSettings(_Section):
+    """Call-detail-record pipeline settings (jobs/cdr)."""
+
+    inputs: list[CdrInput] = Field(default_factory=list)
+    cells_path: str | None = None
+    admin_paths: dict[str, str] = Field(default_factory=dict)  # level name -> GeoJSON/GPKG path
+    column_mapping: dict[str, str] = Field(default_factory=dict)  # our name -> source column name
+    timestamp_format: str | None = None  # None: ISO 8601
+    spatial_unit: str = "admin2"  # an admin level name or "h3_<resolution>"
+    h3_resolution: int = Field(7, ge=0, le=15)
+    nearest_area_max_km: float = Field(5.0, ge=0)
+    daily_location_rule: Literal["last", "most_frequent"] = "last"
+    hours: tuple[int, int] | None = None  # optional [start, end) hour window for daily locations
+    min_events_per_day: float = Field(0.0, ge=0)
+    min_active_days: int = Field(1, ge=1)
+    max_events_per_day: float = Field(1000.0, gt=0)
+    home_night_hours: tuple[int, int] = (19, 7)  # [start, end) wrapping midnight
+    home_min_days: int = Field(3, ge=1)
+    baseline_days: int = Field(14, ge=1)
+    event_date: date | None = None
+
+
+class DemoSettings(_Section):
+    """Synthetic data with a planted truth (jobs/demo)."""
+
+    seed: int = 20240501
+    n_subscribers: int = Field(4000, ge=10)
+    n_days: int = Field(28, ge=2)
+    start_date: date = date(2024, 3, 4)
+    events_per_day: float = Field(6.0, gt=0)
+    event_day: int = Field(14, ge=1)  # day index of the planted displacement
+    displaced_share: float = Field(0.3, ge=0, le=1)
+    bad_row_share: float = Field(0.01, ge=0, le=0.5)
+    input_dir: str = "build/demo-inputs"  # raw synthetic inputs live outside the lakehouse
+
+
+class Config(_Section):
+    """The whole validated configuration of one run."""
+
+    profile: str = "demo"
+    spark: SparkSettings = Field(default_factory=SparkSettings)
+    lakehouse: LakehouseSettings = Field(default_factory=LakehouseSettings)
+    period: PeriodSettings = Field(default_factory=PeriodSettings)
+    pseudonym: PseudonymSettings = Field(default_factory=PseudonymSettings)
+    cdr: CdrSettings = Field(default_factory=CdrSettings)
+    demo: DemoSettings = Field(default_factory=DemoSettings)
+
+    def check_lakehouse_writable(self) -> None:
+        """Fail before Spark starts if a local lakehouse root cannot be written."""
+        if not self.lakehouse.is_local():
+            return
+        root = Path(self.lakehouse.resolved_root())
+        probe_dir = root
+        while not probe_dir.exists():
+            probe_dir = probe_dir.parent
+        try:
+            if not probe_dir.is_dir():
+                raise OSError(f"{probe_dir} is a file, not a folder")
+            with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".migralake-probe-"):
+                pass
+        except OSError as exc:
+            raise ConfigError(
+                f"lakehouse.root: '{self.lakehouse.root}' (resolved to {root}) is not writable: {exc}. "
+                "Choose a folder you can write to, e.g. --set lakehouse.root=/tmp/lakehouse"
+            ) from None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}:{where}: malformed YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _merge(
+    target: dict[str, Any],
+    update: Mapping[str, Any],
+    source: str,
+    provenance: dict[tuple[str, ...], str],
+    prefix: tuple[str, ...] = (),
+) -> None:
+    for key, value in update.items():
+        key = str(key)
+        path = (*prefix, key)
+        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            _merge(target[key], value, source, provenance, path)
+        else:
+            target[key] = dict(value) if isinstance(value, Mapping) else value
+            provenance[path] = source
+            if isinstance(value, Mapping):
+                for sub in _leaf_paths(value, path):
+                    provenance[sub] = source
+
+
+def _leaf_paths(value: Mapping[str, Any], prefix: tuple[str, ...]) -> Iterable[tuple[str, ...]]:
+    for k, v in value.items():
+        path = (*prefix, str(k))
+        yield path
+        if isinstance(v, Mapping):
+            yield from _leaf_paths(v, path)
+
+
+def _nest(dotted: str, value: Any, source: str) -> dict[str, Any]:
+    parts = [p for p in dotted.split(".")]
+    if not dotted or any(not p.strip() for p in parts):
+        raise ConfigError(f"{source}: '{dotted}' is not a dotted key like section.key")
+    out: dict[str, Any] = {}
+    cursor = out
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part.strip(), {})
+    cursor[parts[-1].strip()] = value
+    return out
+
+
+def parse_set(assignment: str) -> tuple[str, Any]:
+    """Split ``section.key=value`` into the dotted key and a YAML-parsed value."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment}: expected section.key=value")
+    key, _, raw = assignment.partition("=")
+    return key.strip(), _parse_scalar(raw.strip())
+
+
+def _describe_error(err: dict[str, Any]) -> str:
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    msg = err.get("msg", "invalid value")
+    given = err.get("input")
+    if kind != "missing" and not isinstance(given, dict | list):
+        return f"{msg} (got {given!r})"
+    return msg
+
+
+def _source_for(loc: tuple[str, ...], provenance: Mapping[tuple[str, ...], str]) -> str:
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in provenance:
+            return provenance[loc[:n]]
+    return "defaults"
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    return [prefix + name for name in model.model_fields]
+
+
+def load_config(
+    profile: str | None = "demo",
+    conf_files: Sequence[str | os.PathLike[str]] = (),
+    overrides: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    conf_dir: Path = CONF_DIR,
+    check_writable: bool = True,
+) -> Config:
+    """Build the validated :class:`Config` for one run (see module docstring for the layers)."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    provenance: dict[tuple[str, ...], str] = {}
+
+    base = conf_dir / "base.yaml"
+    if base.exists():
+        _merge(data, _read_yaml(base), str(base), provenance)
+    if profile:
+        profile_path = conf_dir / f"{profile}.yaml"
+        if not profile_path.exists():
+            known = sorted(p.stem for p in conf_dir.glob("*.yaml") if p.stem not in {"base", "privacy"})
+            raise ConfigError(f"profile '{profile}': no file {profile_path} (profiles: {', '.join(known)})")
+        _merge(data, _read_yaml(profile_path), str(profile_path), provenance)
+        data.setdefault("profile", profile)
+    for file in conf_files:
+        path = Path(file)
+        _merge(data, _read_yaml(path), str(path), provenance)
+    for name in sorted(env):
+        if name.startswith(ENV_PREFIX):
+            dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+            _merge(data, _nest(dotted, _parse_scalar(env[name]), f"env {name}"), f"env {name}", provenance)
+    for assignment in overrides:
+        key, value = parse_set(assignment)
+        _merge(data, _nest(key, value, f"--set {assignment}"), f"--set {assignment}", provenance)
+
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(str(p) for p in err["loc"])
+            dotted = ".".join(loc)
+            where = _source_for(loc, provenance)
+            line = f"{where}: {dotted}: {_describe_error(err)}"
+            if err.get("type") == "extra_forbidden":
+                parent: type[BaseModel] = Config
+                for part in loc[:-1]:
+                    field = parent.model_fields.get(part)
+                    ann = field.annotation if field else None
+                    if isinstance(ann, type) and issubclass(ann, BaseModel):
+                        parent = ann
+                    else:
+                        break
+                line += f"; expected one of: {', '.join(_known_keys(parent))}"
+            lines.append(line)
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    if check_writable:
+        cfg.check_lakehouse_writable()
+    return cfg

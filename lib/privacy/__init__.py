@@ -1,0 +1,1 @@
+"""Privacy building blocks: pseudonymisation of identifiers (and, later, the release guard)."""

@@ -1,0 +1,103 @@
+"""Keyed pseudonyms for subscriber and author identifiers (HMAC-SHA256, hex).
+
+The key comes from an environment variable or a secrets file named in
+``pseudonym`` settings, never from conf/ values or a table. Without a key a
+job refuses to run; only the demo profile may generate a throwaway key, and it
+says so. The key travels to executors inside the pandas UDF's closure, so it
+never appears in a query plan, the Spark UI or an event log.
+
+Reads and writes no tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+from pathlib import Path
+
+import pandas as pd
+from pyspark.sql import Column
+from pyspark.sql import functions as F
+from pyspark.sql.functions import pandas_udf
+
+from lib.config import PseudonymSettings
+
+log = logging.getLogger("migralake.privacy")
+MIN_KEY_BYTES = 16
+_BLOCK = 64  # SHA-256 block size
+
+
+class PseudonymKeyError(RuntimeError):
+    """No usable pseudonymisation key; the message says where one is looked for."""
+
+
+def load_key(settings: PseudonymSettings, env: dict[str, str] | None = None) -> bytes:
+    """Return the HMAC key from the environment variable or the secrets file."""
+    env = dict(os.environ) if env is None else env
+    raw = env.get(settings.key_env)
+    origin = f"environment variable {settings.key_env}"
+    if not raw and settings.key_file:
+        path = Path(settings.key_file)
+        try:
+            raw = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise PseudonymKeyError(f"pseudonym key file {path}: cannot read it ({exc})") from None
+        origin = f"key file {path}"
+    if not raw:
+        if settings.demo_generate:
+            raw = secrets.token_hex(32)
+            os.environ[settings.key_env] = raw  # so every later stage of this run uses the same key
+            log.warning(
+                "no pseudonym key set: generated a throwaway demo key for this run only "
+                "(set %s or pseudonym.key_file for real data)",
+                settings.key_env,
+            )
+            origin = "generated demo key"
+        else:
+            raise PseudonymKeyError(
+                f"no pseudonym key: set the environment variable {settings.key_env} "
+                f"(at least {MIN_KEY_BYTES} bytes, e.g. `openssl rand -hex 32`) or point "
+                "pseudonym.key_file at a secrets file outside the repository. Refusing to run."
+            )
+    key = raw.encode("utf-8")
+    if len(key) < MIN_KEY_BYTES:
+        raise PseudonymKeyError(f"pseudonym key from {origin} is {len(key)} bytes; at least {MIN_KEY_BYTES} are needed")
+    return key
+
+
+def _pads(key: bytes) -> tuple[bytes, bytes]:
+    if len(key) > _BLOCK:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(_BLOCK, b"\0")
+    return bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key)
+
+
+def pseudonymise_values(values: pd.Series, key: bytes) -> pd.Series:
+    """HMAC-SHA256 hex of each string value (None stays None); equal to ``hmac.new(key, v, sha256)``."""
+    ipad, opad = _pads(key)
+    inner0 = hashlib.sha256(ipad)
+    outer0 = hashlib.sha256(opad)
+
+    def one(value: object) -> str | None:
+        if value is None or (isinstance(value, float) and value != value):
+            return None
+        inner = inner0.copy()
+        inner.update(str(value).encode("utf-8"))
+        outer = outer0.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
+
+    return pd.Series([one(v) for v in values], index=values.index, dtype=object)
+
+
+def pseudonym_column(col: Column | str, key: bytes) -> Column:
+    """A Spark column with the pseudonym of ``col`` (cast to string, trimmed)."""
+
+    @pandas_udf("string")  # type: ignore[call-overload]
+    def _hmac(values: pd.Series) -> pd.Series:
+        return pseudonymise_values(values, key)
+
+    source = F.col(col) if isinstance(col, str) else col
+    return _hmac(F.trim(source.cast("string")))

@@ -1,0 +1,75 @@
+"""Job runtime: logging set-up and per-stage records (rows in / rows out / seconds).
+
+Every job logs one line per stage on the ``migralake`` logger; the summary of
+all stages is returned to the CLI, which prints it at the end of the run.
+
+Reads and writes no tables.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+log = logging.getLogger("migralake")
+
+
+def configure_logging(level: str = "INFO") -> None:
+    root = logging.getLogger("migralake")
+    if not any(getattr(h, "_migralake", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S"))
+        handler._migralake = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
+@dataclass
+class StageRecord:
+    name: str
+    rows_in: int | None = None
+    rows_out: int | None = None
+    seconds: float = 0.0
+    notes: dict[str, object] = field(default_factory=dict)
+
+    def line(self) -> str:
+        def fmt(n: int | None) -> str:
+            return "-" if n is None else f"{n:,}"
+
+        extra = "".join(f" {k}={v}" for k, v in self.notes.items())
+        return (
+            f"stage {self.name:<32} rows_in={fmt(self.rows_in):>12} rows_out={fmt(self.rows_out):>12} "
+            f"seconds={self.seconds:7.1f}{extra}"
+        )
+
+
+@dataclass
+class RunLog:
+    """The stages of one job run, in order."""
+
+    stages: list[StageRecord] = field(default_factory=list)
+
+    @contextmanager
+    def stage(self, name: str, rows_in: int | None = None) -> Iterator[StageRecord]:
+        record = StageRecord(name=name, rows_in=rows_in)
+        start = time.perf_counter()
+        log.info("stage %s: started", name)
+        try:
+            yield record
+        finally:
+            record.seconds = time.perf_counter() - start
+            self.stages.append(record)
+            log.info(record.line())
+
+
+RUN = RunLog()
+
+
+def stage(name: str, rows_in: int | None = None):  # type: ignore[no-untyped-def]
+    """``with stage("cdr.ingest", rows_in=n) as st: ...; st.rows_out = m`` logs one line."""
+    return RUN.stage(name, rows_in)

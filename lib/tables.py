@@ -1,0 +1,475 @@
+"""Table registry and the one module that owns Delta and storage details.
+
+Every table has a logical name ``<layer>.<table>`` (``bronze.cdr_events``,
+``gold.cdr_od_daily``) and a :class:`TableSpec`: schema, partition columns,
+the column that defines a *period* for idempotent re-runs, Delta CHECK
+constraints and table properties (layer, source, owner job). Jobs ask
+:class:`Lakehouse` for ``write`` / ``read`` / ``history`` by logical name and
+never spell a path or a format.
+
+Writes are idempotent: writing a period replaces exactly that period of the
+table (Delta ``replaceWhere``), so re-running a job never duplicates rows.
+A failed first write leaves no table behind; a failed later write leaves the
+table as it was (Delta commits are atomic).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any, Literal
+
+from delta.tables import DeltaTable
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+LAYERS = ("bronze", "silver", "gold", "quarantine", "exports", "audit")
+
+
+class TableError(ValueError):
+    """A table operation that cannot proceed; the message names the table and the reason."""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """What a table is: its contract, not its location."""
+
+    name: str
+    schema: T.StructType
+    description: str
+    source: str
+    owner_job: str
+    partition_by: tuple[str, ...] = ()
+    period_column: str | None = None
+    scope_columns: tuple[str, ...] = ()  # columns that, with the period, identify one re-runnable slice
+    keys: tuple[str, ...] = ()
+    constraints: Mapping[str, str] = field(default_factory=dict)
+    append_only: bool = False
+    properties: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        layer, _, table = self.name.partition(".")
+        if layer not in LAYERS or not table or "." in table:
+            raise TableError(f"table name '{self.name}': expected <layer>.<table> with layer in {LAYERS}")
+        columns = set(self.schema.fieldNames())
+        for col in (*self.partition_by, *self.keys, *self.scope_columns, *filter(None, [self.period_column])):
+            if col not in columns:
+                raise TableError(f"table {self.name}: column '{col}' is not in its schema")
+
+    @property
+    def layer(self) -> str:
+        return self.name.split(".", 1)[0]
+
+    @property
+    def table(self) -> str:
+        return self.name.split(".", 1)[1]
+
+    def table_properties(self) -> dict[str, str]:
+        props = {
+            "migralake.layer": self.layer,
+            "migralake.source": self.source,
+            "migralake.owner_job": self.owner_job,
+            "migralake.description": self.description,
+        }
+        if self.append_only:
+            props["delta.appendOnly"] = "true"
+        props.update(self.properties)
+        return props
+
+
+_REGISTRY: dict[str, TableSpec] = {}
+
+
+def register(spec: TableSpec) -> TableSpec:
+    """Add a table to the registry (the same spec twice is fine; a different one is an error)."""
+    existing = _REGISTRY.get(spec.name)
+    if existing is not None and existing != spec:
+        raise TableError(f"table {spec.name} is registered twice with different specs")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def spec(name: str) -> TableSpec:
+    """The registered spec for a logical name, or an error suggesting close names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise TableError(f"unknown table '{name}'{hint}") from None
+
+
+def registered() -> list[TableSpec]:
+    return sorted(_REGISTRY.values(), key=lambda s: s.name)
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    table: str
+    version: int
+    rows_written: int
+    operation: str
+
+
+def _sql_literal(value: Any) -> str:
+    if isinstance(value, datetime):
+        return f"TIMESTAMP'{value.isoformat(sep=' ')}'"
+    if isinstance(value, date):
+        return f"DATE'{value.isoformat()}'"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
+
+
+def _quote(col: str) -> str:
+    return "`" + col.replace("`", "``") + "`"
+
+
+class Lakehouse:
+    """Delta tables under one root (a local folder or an object-store URI)."""
+
+    def __init__(self, spark: SparkSession, root: str) -> None:
+        self.spark = spark
+        self.root = root.rstrip("/")
+
+    # ------------------------------------------------------------------ locations
+
+    def location(self, name: str) -> str:
+        s = spec(name)
+        return f"{self.root}/{s.layer}/{s.table}"
+
+    def _hadoop_path(self, location: str) -> tuple[Any, Any]:
+        jvm = self.spark.sparkContext._jvm  # noqa: SLF001
+        path = jvm.org.apache.hadoop.fs.Path(location)  # type: ignore[union-attr]
+        fs = path.getFileSystem(self.spark.sparkContext._jsc.hadoopConfiguration())  # noqa: SLF001
+        return fs, path
+
+    def exists(self, name: str) -> bool:
+        return DeltaTable.isDeltaTable(self.spark, self.location(name))
+
+    # ------------------------------------------------------------------ creation
+
+    def ensure(self, name: str) -> DeltaTable:
+        """Create the table if needed (schema, partitions, properties, constraints); return it."""
+        s = spec(name)
+        location = self.location(name)
+        builder = DeltaTable.createIfNotExists(self.spark).location(location).addColumns(s.schema)
+        builder = builder.comment(s.description)
+        if s.partition_by:
+            builder = builder.partitionedBy(*s.partition_by)
+        for key, value in s.table_properties().items():
+            builder = builder.property(key, value)
+        table = builder.execute()
+        present = self.properties(name)
+        for cname, expr in s.constraints.items():
+            if f"delta.constraints.{cname.lower()}" not in present:
+                self.spark.sql(f"ALTER TABLE delta.`{location}` ADD CONSTRAINT {cname} CHECK ({expr})")
+        return table
+
+    def properties(self, name: str) -> dict[str, str]:
+        rows = self.spark.sql(f"SHOW TBLPROPERTIES delta.`{self.location(name)}`").collect()
+        return {r["key"]: r["value"] for r in rows}
+
+    # ------------------------------------------------------------------ writing
+
+    def conform(self, df: DataFrame, name: str) -> DataFrame:
+        """Select the table's columns in order, casting to its types; error on missing columns."""
+        s = spec(name)
+        missing = [f.name for f in s.schema.fields if f.name not in df.columns]
+        if missing:
+            raise TableError(f"write to {name}: missing columns {missing} (have {df.columns})")
+        return df.select(*[F.col(f.name).cast(f.dataType).alias(f.name) for f in s.schema.fields])
+
+    def _check_schema(self, df: DataFrame, name: str) -> None:
+        s = spec(name)
+        want = {f.name: f.dataType for f in s.schema.fields}
+        have = {f.name: f.dataType for f in df.schema.fields}
+        problems = []
+        for col, dtype in want.items():
+            if col not in have:
+                problems.append(f"missing column '{col}' ({dtype.simpleString()})")
+            elif have[col] != dtype:
+                problems.append(f"column '{col}' is {have[col].simpleString()}, expected {dtype.simpleString()}")
+        problems += [f"unexpected column '{c}'" for c in have if c not in want]
+        if problems:
+            raise TableError(f"write to {name}: " + "; ".join(problems))
+
+    def period_predicate(self, name: str, start: date, end: date, scope: Mapping[str, Any] | None = None) -> str:
+        """The replaceWhere predicate for one period (both ends inclusive) and optional scope values."""
+        s = spec(name)
+        if s.period_column is None:
+            raise TableError(f"table {name} has no period column; write it whole or give replace_where")
+        col = _quote(s.period_column)
+        parts = [f"{col} >= {_sql_literal(start)} AND {col} <= {_sql_literal(end)}"]
+        scope = dict(scope or {})
+        unknown = set(scope) - set(s.scope_columns)
+        if unknown:
+            raise TableError(f"table {name}: {sorted(unknown)} are not scope columns {list(s.scope_columns)}")
+        parts += [f"{_quote(k)} = {_sql_literal(v)}" for k, v in sorted(scope.items())]
+        return " AND ".join(parts)
+
+    def write(
+        self,
+        df: DataFrame,
+        name: str,
+        *,
+        period: tuple[date, date] | None = None,
+        scope: Mapping[str, Any] | None = None,
+        replace_where: str | None = None,
+        mode: Literal["overwrite", "append"] = "overwrite",
+    ) -> WriteResult:
+        """Write ``df`` to a registered table.
+
+        - ``period=(start, end)`` (inclusive) replaces exactly that period (plus ``scope``
+          values, e.g. ``{"spatial_unit": "admin2"}``): the idempotent re-run.
+        - ``replace_where`` gives the predicate directly.
+        - neither: ``mode="overwrite"`` replaces the whole table; ``mode="append"`` appends
+          (the only mode allowed on append-only tables).
+
+        Delta checks every row against the predicate and the CHECK constraints; a
+        violating write fails and leaves the table unchanged.
+        """
+        s = spec(name)
+        self._check_schema(df, name)
+        if period is not None:
+            if replace_where is not None:
+                raise TableError(f"write to {name}: give period or replace_where, not both")
+            replace_where = self.period_predicate(name, period[0], period[1], scope)
+        if s.append_only and (mode != "append" or replace_where):
+            raise TableError(f"table {name} is append-only: use mode='append'")
+        if replace_where is not None and mode != "overwrite":
+            raise TableError(f"write to {name}: replace_where needs mode='overwrite'")
+
+        created = not self.exists(name)
+        self.ensure(name)
+        writer = df.write.format("delta").mode(mode)
+        if replace_where is not None:
+            writer = writer.option("replaceWhere", replace_where)
+        try:
+            writer.save(self.location(name))
+        except Exception:
+            if created:
+                self._drop_location(name)
+            raise
+        last = DeltaTable.forPath(self.spark, self.location(name)).history(1).collect()[0]
+        metrics = last["operationMetrics"] or {}
+        return WriteResult(
+            table=name,
+            version=int(last["version"]),
+            rows_written=int(metrics.get("numOutputRows", 0)),
+            operation=str(last["operation"]),
+        )
+
+    def merge(self, df: DataFrame, name: str, keys: Sequence[str] | None = None) -> WriteResult:
+        """Upsert by key: matching rows are updated, new rows inserted (idempotent)."""
+        s = spec(name)
+        keys = list(keys or s.keys)
+        if not keys:
+            raise TableError(f"merge into {name}: no keys given and the table declares none")
+        self._check_schema(df, name)
+        created = not self.exists(name)
+        table = self.ensure(name)
+        cond = " AND ".join(f"t.{_quote(k)} <=> s.{_quote(k)}" for k in keys)
+        try:
+            (
+                table.alias("t")
+                .merge(df.alias("s"), cond)
+                .whenMatchedUpdateAll()
+                .whenNotMatchedInsertAll()
+                .execute()
+            )
+        except Exception:
+            if created:
+                self._drop_location(name)
+            raise
+        last = table.history(1).collect()[0]
+        metrics = last["operationMetrics"] or {}
+        written = int(metrics.get("numTargetRowsInserted", 0)) + int(metrics.get("numTargetRowsUpdated", 0))
+        return WriteResult(name, int(last["version"]), written, str(last["operation"]))
+
+    def _drop_location(self, name: str) -> None:
+        fs, path = self._hadoop_path(self.location(name))
+        fs.delete(path, True)
+
+    # ------------------------------------------------------------------ reading
+
+    def read(
+        self,
+        name: str,
+        *,
+        version: int | None = None,
+        timestamp: str | datetime | None = None,
+    ) -> DataFrame:
+        """The table now, or as it was at a version or a timestamp (Delta time travel)."""
+        if not self.exists(name):
+            raise TableError(f"table {name} does not exist yet at {self.location(name)}; run its job first")
+        reader = self.spark.read.format("delta")
+        if version is not None and timestamp is not None:
+            raise TableError(f"read {name}: give version or timestamp, not both")
+        if version is not None:
+            reader = reader.option("versionAsOf", version)
+        if timestamp is not None:
+            ts = timestamp.isoformat(sep=" ") if isinstance(timestamp, datetime) else timestamp
+            reader = reader.option("timestampAsOf", ts)
+        return reader.load(self.location(name))
+
+    def history(self, name: str, limit: int | None = None) -> DataFrame:
+        """Delta history, newest first: version, timestamp, operation, parameters, metrics."""
+        if not self.exists(name):
+            raise TableError(f"table {name} does not exist yet at {self.location(name)}")
+        table = DeltaTable.forPath(self.spark, self.location(name))
+        return table.history(limit) if limit else table.history()
+
+    def version(self, name: str) -> int:
+        return int(self.history(name, 1).select("version").collect()[0][0])
+
+
+# =========================================================================== catalogue
+# One StructType per table: the contract transforms end with (``select`` of it).
+
+
+def _fields(*cols: tuple[str, T.DataType, bool]) -> T.StructType:
+    return T.StructType([T.StructField(n, t, nullable) for n, t, nullable in cols])
+
+
+S, L, D, TS, DBL, B, INT = (
+    T.StringType(),
+    T.LongType(),
+    T.DateType(),
+    T.TimestampType(),
+    T.DoubleType(),
+    T.BooleanType(),
+    T.IntegerType(),
+)
+PSEUDONYM_CHECK = "subscriber_id RLIKE '^[0-9a-f]{64}$'"
+
+
+def _reg(**kwargs: Any) -> TableSpec:
+    return register(TableSpec(**kwargs))
+
+
+# --- CDR -------------------------------------------------------------------------------
+
+CDR_EVENTS = _reg(
+    name="bronze.cdr_events",
+    schema=_fields(
+        ("event_time", TS, False),
+        ("event_date", D, False),
+        ("subscriber_id", S, False),
+        ("counterpart_id", S, True),
+        ("cell_id", S, False),
+        ("event_type", S, False),
+        ("outgoing", B, True),
+        ("duration_s", DBL, True),
+        ("source_file", S, False),
+    ),
+    description="Validated CDR events; subscriber ids are keyed HMAC-SHA256 pseudonyms.",
+    source="cdr",
+    owner_job="cdr.ingest",
+    partition_by=("event_date",),
+    period_column="event_date",
+    constraints={
+        "subscriber_is_pseudonym": PSEUDONYM_CHECK,
+        "counterpart_is_pseudonym": "counterpart_id IS NULL OR counterpart_id RLIKE '^[0-9a-f]{64}$'",
+        "event_date_matches_time": "event_date = CAST(event_time AS DATE)",
+    },
+)
+
+CDR_QUARANTINE = _reg(
+    name="quarantine.cdr_events",
+    schema=_fields(
+        ("period_start", D, False),
+        ("source_file", S, False),
+        ("reason", S, False),
+        ("detail", S, True),
+        ("raw_time", S, True),
+        ("subscriber_id", S, True),
+        ("cell_id", S, True),
+    ),
+    description="CDR rows that could not be used, with the reason; identifiers pseudonymised or absent.",
+    source="cdr",
+    owner_job="cdr.ingest",
+    partition_by=("period_start",),
+    period_column="period_start",
+    constraints={
+        "subscriber_is_pseudonym": "subscriber_id IS NULL OR subscriber_id RLIKE '^[0-9a-f]{64}$'",
+    },
+)
+
+CDR_CELLS = _reg(
+    name="silver.cdr_cells",
+    schema=_fields(
+        ("cell_id", S, False),
+        ("site_id", S, True),
+        ("longitude", DBL, False),
+        ("latitude", DBL, False),
+        ("valid_from", D, True),
+        ("valid_to", D, True),
+        ("h3_index", S, False),
+        ("admin1", S, True),
+        ("admin2", S, True),
+        ("assignment", S, False),
+    ),
+    description="Cells with their H3 index and containing admin areas, valid over a date range.",
+    source="cdr",
+    owner_job="cdr.ingest",
+    keys=("cell_id", "valid_from"),
+    constraints={"assignment_known": "assignment IN ('within', 'nearest')"},
+)
+
+CDR_DAILY_LOCATIONS = _reg(
+    name="silver.cdr_daily_locations",
+    schema=_fields(
+        ("date", D, False),
+        ("subscriber_id", S, False),
+        ("spatial_unit", S, False),
+        ("unit", S, False),
+        ("n_events", L, False),
+    ),
+    description="One location per subscriber per day (rule from conf: last event or most frequent unit).",
+    source="cdr",
+    owner_job="cdr.mobility",
+    partition_by=("date",),
+    period_column="date",
+    scope_columns=("spatial_unit",),
+    keys=("date", "subscriber_id", "spatial_unit"),
+    constraints={"subscriber_is_pseudonym": PSEUDONYM_CHECK, "events_positive": "n_events > 0"},
+)
+
+CDR_PRESENCE = _reg(
+    name="gold.cdr_presence_daily",
+    schema=_fields(
+        ("date", D, False),
+        ("spatial_unit", S, False),
+        ("unit", S, False),
+        ("n_subscribers", L, False),
+    ),
+    description="Distinct subscribers with their daily location in each unit, per day (exact counts).",
+    source="cdr",
+    owner_job="cdr.mobility",
+    partition_by=("date",),
+    period_column="date",
+    scope_columns=("spatial_unit",),
+    keys=("date", "spatial_unit", "unit"),
+    constraints={"count_positive": "n_subscribers > 0"},
+)
+
+CDR_CELLS_QUARANTINE = _reg(
+    name="quarantine.cdr_cells",
+    schema=_fields(
+        ("cell_id", S, True),
+        ("source_file", S, False),
+        ("reason", S, False),
+        ("longitude", DBL, True),
+        ("latitude", DBL, True),
+    ),
+    description="Cells that could not be placed in an admin area or failed validation, with the reason.",
+    source="cdr",
+    owner_job="cdr.ingest",
+)
