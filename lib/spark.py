@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 from pyspark.sql import SparkSession
@@ -83,6 +84,8 @@ def get_spark(settings: SparkSettings | None = None, master: str | None = None) 
         "spark.databricks.delta.schema.autoMerge.enabled": "false",
     }
     if not _launched_by_spark_submit():
+        # Python workers use this interpreter (the project environment), not the system one.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         builder = builder.master(master or settings.master)
         conf["spark.jars"] = ",".join(local_delta_jars())
         conf["spark.driver.memory"] = settings.driver_memory

@@ -1,0 +1,54 @@
+"""./spark-submit.sh as a user runs it: help, clear errors, a real local job as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBMIT = str(ROOT / "spark-submit.sh")
+
+
+def submit(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([SUBMIT, *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+
+
+def test_help_lists_every_job() -> None:
+    from jobs import JOBS
+
+    out = submit("--help")
+    assert out.returncode == 0
+    for name, (_, description) in JOBS.items():
+        assert f"{name}" in out.stdout and description in out.stdout
+
+
+def test_unknown_job_is_a_clear_error() -> None:
+    out = submit("cdr.ingets")
+    assert out.returncode == 2
+    assert "unknown job 'cdr.ingets'. Did you mean 'cdr.ingest'?" in out.stderr
+
+
+def test_bad_set_is_a_clear_error_before_spark() -> None:
+    out = submit("tables", "--set", "spark.shuffle_partitions=lots")
+    assert out.returncode == 2
+    assert "--set spark.shuffle_partitions=lots: spark.shuffle_partitions" in out.stderr
+    assert "SparkContext" not in out.stderr
+
+
+def test_job_without_arguments_refuses_extra_ones() -> None:
+    out = submit("tables", "surprise")
+    assert out.returncode == 2 and "takes no arguments" in out.stderr
+
+
+@pytest.mark.slow
+def test_runs_a_job_locally_through_spark_submit(tmp_path: Path) -> None:
+    out = submit("tables", "--set", f"lakehouse.root={tmp_path / 'lh'}", "--master", "local[1]")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "bronze.cdr_events" in out.stdout and "(not yet)" in out.stdout
+    logs = out.stdout + out.stderr  # spark-submit merges the driver's stderr into stdout
+    assert "job tables: done" in logs
+    assert "master=local[1]" in logs

@@ -1,0 +1,131 @@
+"""The table registry on real Delta tables: round trip, time travel, idempotence, constraints."""
+
+from __future__ import annotations
+
+import time
+from datetime import date
+from pathlib import Path
+
+import pytest
+from pyspark.sql import SparkSession
+from pyspark.sql import types as T
+
+from lib.tables import Lakehouse, TableError, TableSpec, register, spec
+
+MEASURES = register(
+    TableSpec(
+        name="silver.test_measures",
+        schema=T.StructType(
+            [
+                T.StructField("date", T.DateType(), False),
+                T.StructField("unit", T.StringType(), False),
+                T.StructField("n_subscribers", T.LongType(), False),
+            ]
+        ),
+        description="test table",
+        source="tests",
+        owner_job="tests",
+        partition_by=("date",),
+        period_column="date",
+        keys=("date", "unit"),
+        constraints={"count_at_least_one": "n_subscribers >= 1"},
+    )
+)
+
+
+def rows(spark: SparkSession, data: list[tuple[date, str, int]]):  # type: ignore[no-untyped-def]
+    return spark.createDataFrame(data, schema=MEASURES.schema)
+
+
+def content(lake: Lakehouse, **kw) -> list[tuple]:  # type: ignore[no-untyped-def]
+    return sorted(tuple(r) for r in lake.read("silver.test_measures", **kw).collect())
+
+
+D1, D2, D3 = date(2024, 3, 1), date(2024, 3, 2), date(2024, 3, 3)
+
+
+def test_round_trip_time_travel_and_history(spark: SparkSession, lake: Lakehouse) -> None:
+    first = lake.write(rows(spark, [(D1, "a", 20), (D2, "a", 30)]), "silver.test_measures")
+    assert first.rows_written == 2
+    assert content(lake) == [(D1, "a", 20), (D2, "a", 30)]
+    t_between = time.time()
+    time.sleep(1.1)  # Delta timestamps have millisecond resolution; keep versions apart
+    second = lake.write(rows(spark, [(D3, "b", 40)]), "silver.test_measures", mode="append")
+    assert second.version == first.version + 1
+    assert content(lake) == [(D1, "a", 20), (D2, "a", 30), (D3, "b", 40)]
+    assert content(lake, version=first.version) == [(D1, "a", 20), (D2, "a", 30)]
+    ts = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t_between))
+    assert content(lake, timestamp=ts) == [(D1, "a", 20), (D2, "a", 30)]
+    history = lake.history("silver.test_measures").orderBy("version").collect()
+    # create (with properties), add the CHECK constraint, write, append
+    assert [h["version"] for h in history] == [0, 1, 2, 3]
+    assert [h["operation"] for h in history][1:] == ["ADD CONSTRAINT", "WRITE", "WRITE"]
+    props = lake.properties("silver.test_measures")
+    assert props["migralake.layer"] == "silver" and props["migralake.owner_job"] == "tests"
+    assert props["delta.constraints.count_at_least_one"] == "n_subscribers >= 1"
+    assert Path(lake.location("silver.test_measures")).parts[-2:] == ("silver", "test_measures")
+
+
+def test_rerunning_a_period_replaces_it(spark: SparkSession, lake: Lakehouse) -> None:
+    lake.write(rows(spark, [(D1, "a", 20), (D2, "a", 30), (D3, "a", 50)]), "silver.test_measures")
+    rerun = rows(spark, [(D2, "a", 31), (D2, "b", 17)])
+    lake.write(rerun, "silver.test_measures", period=(D2, D2))
+    after_first = content(lake)
+    lake.write(rerun, "silver.test_measures", period=(D2, D2))
+    assert content(lake) == after_first == [(D1, "a", 20), (D2, "a", 31), (D2, "b", 17), (D3, "a", 50)]
+
+
+def test_write_outside_the_period_is_rejected(spark: SparkSession, lake: Lakehouse) -> None:
+    lake.write(rows(spark, [(D1, "a", 20)]), "silver.test_measures")
+    with pytest.raises(Exception, match="(?i)replaceWhere|does not conform|DELTA_REPLACE_WHERE"):
+        lake.write(rows(spark, [(D3, "a", 99)]), "silver.test_measures", period=(D1, D2))
+    assert content(lake) == [(D1, "a", 20)]
+
+
+def test_check_constraint_rejects_and_leaves_table_unchanged(spark: SparkSession, lake: Lakehouse) -> None:
+    lake.write(rows(spark, [(D1, "a", 20)]), "silver.test_measures")
+    version = lake.version("silver.test_measures")
+    with pytest.raises(Exception, match="count_at_least_one"):
+        lake.write(rows(spark, [(D2, "a", 5), (D2, "b", 0)]), "silver.test_measures", mode="append")
+    assert content(lake) == [(D1, "a", 20)]
+    assert lake.version("silver.test_measures") == version
+
+
+def test_failed_first_write_leaves_no_table(spark: SparkSession, lake: Lakehouse) -> None:
+    with pytest.raises(Exception, match="count_at_least_one"):
+        lake.write(rows(spark, [(D1, "a", 0)]), "silver.test_measures")
+    assert not lake.exists("silver.test_measures")
+    assert not Path(lake.location("silver.test_measures")).exists()
+
+
+def test_schema_mismatch_is_named(spark: SparkSession, lake: Lakehouse) -> None:
+    df = spark.createDataFrame([(D1, "a", 1.5)], "date date, unit string, n double")
+    with pytest.raises(TableError) as err:
+        lake.write(df, "silver.test_measures")
+    msg = str(err.value)
+    assert "silver.test_measures" in msg
+    assert "missing column 'n_subscribers' (bigint)" in msg and "unexpected column 'n'" in msg
+    assert not lake.exists("silver.test_measures")
+
+
+def test_merge_is_idempotent(spark: SparkSession, lake: Lakehouse) -> None:
+    lake.write(rows(spark, [(D1, "a", 20)]), "silver.test_measures")
+    upd = rows(spark, [(D1, "a", 21), (D2, "b", 30)])
+    lake.merge(upd, "silver.test_measures")
+    lake.merge(upd, "silver.test_measures")
+    assert content(lake) == [(D1, "a", 21), (D2, "b", 30)]
+
+
+def test_unknown_table_suggests_names(lake: Lakehouse) -> None:
+    with pytest.raises(TableError, match="did you mean silver.test_measures"):
+        spec("silver.test_measure")
+    with pytest.raises(TableError, match="does not exist yet"):
+        lake.read("silver.test_measures")
+
+
+def test_bad_specs_are_refused() -> None:
+    schema = T.StructType([T.StructField("x", T.LongType())])
+    with pytest.raises(TableError, match="layer"):
+        TableSpec(name="platinum.x", schema=schema, description="", source="", owner_job="")
+    with pytest.raises(TableError, match="column 'y'"):
+        TableSpec(name="gold.x", schema=schema, description="", source="", owner_job="", partition_by=("y",))
