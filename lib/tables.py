@@ -473,3 +473,24 @@ CDR_CELLS_QUARANTINE = _reg(
     source="cdr",
     owner_job="cdr.ingest",
 )
+
+CDR_HOME_LOCATIONS = _reg(
+    name="silver.cdr_home_locations",
+    schema=_fields(
+        ("window", S, False),
+        ("window_start", D, False),
+        ("window_end", D, False),
+        ("subscriber_id", S, False),
+        ("spatial_unit", S, False),
+        ("home_unit", S, False),
+        ("n_days_home", L, False),
+        ("n_days_seen", L, False),
+    ),
+    description="Home location per subscriber and window: modal night-time daily location over the window.",
+    source="cdr",
+    owner_job="cdr.mobility",
+    period_column="window_start",
+    scope_columns=("spatial_unit", "window"),
+    keys=("window", "subscriber_id", "spatial_unit"),
+    constraints={"subscriber_is_pseudonym": PSEUDONYM_CHECK, "days_consistent": "n_days_home <= n_days_seen"},
+)

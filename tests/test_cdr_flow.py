@@ -124,10 +124,24 @@ def test_presence_drops_by_the_planted_displacement(flow) -> None:  # type: igno
 
 def test_rerun_leaves_identical_tables(spark: SparkSession, flow) -> None:  # type: ignore[no-untyped-def]
     cfg, truth, lake = flow
-    names = ["bronze.cdr_events", "quarantine.cdr_events", "silver.cdr_daily_locations", "gold.cdr_presence_daily"]
+    names = ["bronze.cdr_events", "quarantine.cdr_events", "silver.cdr_daily_locations",
+             "silver.cdr_home_locations", "gold.cdr_presence_daily"]
     before = {n: sorted(map(tuple, lake.read(n).drop("source_file").collect())) for n in names}
     ingest.run(spark, cfg)
     mobility.run(spark, cfg)
     after = {n: sorted(map(tuple, lake.read(n).drop("source_file").collect())) for n in names}
     assert before == after
     assert json.loads(json.dumps(truth))  # truth stays serialisable
+
+
+def test_baseline_home_matches_planted_home(flow) -> None:  # type: ignore[no-untyped-def]
+    cfg, truth, lake = flow
+    subs = pd.read_parquet(Path(cfg.demo.input_dir) / "cdr" / "truth_subscribers")
+    subs["subscriber_id"] = subs["msisdn"].map(pseudo)
+    homes = lake.read("silver.cdr_home_locations").filter(F.col("window") == "baseline").toPandas()
+    assert (homes["window_end"] < date.fromisoformat(truth["event_date"])).all()
+    merged = homes.merge(subs, on="subscriber_id", how="inner")
+    assert len(merged) == len(homes)  # every home belongs to a real subscriber
+    assert len(homes) >= 0.9 * cfg.demo.n_subscribers  # most are eligible (>= home_min_days nights)
+    agreement = (merged["home_unit"] == merged["home_admin2"]).mean()
+    assert agreement >= 0.95, agreement

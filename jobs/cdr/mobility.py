@@ -10,6 +10,8 @@ from events, presence from daily locations.
 
 from __future__ import annotations
 
+from datetime import date, timedelta
+
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
@@ -91,6 +93,42 @@ def active_subscribers(events: DataFrame, min_days: int, min_per_day: float, max
     ).select("subscriber_id")
 
 
+def home_locations(
+    night_daily: DataFrame, window: str, start: date, end: date, min_days: int
+) -> DataFrame:
+    """Modal night-time daily location over [start, end] per subscriber.
+
+    Subscribers seen on fewer than ``min_days`` distinct nights have no home. Ties
+    between units with as many nights go to the unit seen most recently.
+    """
+    in_window = night_daily.filter(F.col("date").between(F.lit(start), F.lit(end)))
+    per_unit = in_window.groupBy("subscriber_id", "spatial_unit", "unit").agg(
+        F.countDistinct("date").alias("n_days_home"), F.max("date").alias("last_seen")
+    )
+    by_sub = Window.partitionBy("subscriber_id", "spatial_unit")
+    ranked = per_unit.withColumn("n_days_seen", F.sum("n_days_home").over(by_sub)).withColumn(
+        "_rank",
+        F.row_number().over(by_sub.orderBy(F.col("n_days_home").desc(), F.col("last_seen").desc(), F.col("unit"))),
+    )
+    return ranked.filter((F.col("_rank") == 1) & (F.col("n_days_seen") >= min_days)).select(
+        F.lit(window).alias("window"),
+        F.lit(start).alias("window_start"),
+        F.lit(end).alias("window_end"),
+        "subscriber_id",
+        "spatial_unit",
+        F.col("unit").alias("home_unit"),
+        F.col("n_days_home").cast("long"),
+        F.col("n_days_seen").cast("long"),
+    )
+
+
+def baseline_window(start: date, end: date, event_date: date | None, baseline_days: int) -> tuple[date, date]:
+    """The baseline: the days before the event (at most baseline_days), else the period's first days."""
+    if event_date is not None and event_date > start:
+        return max(start, event_date - timedelta(days=baseline_days)), min(end, event_date - timedelta(days=1))
+    return start, min(end, start + timedelta(days=baseline_days - 1))
+
+
 def presence(daily: DataFrame) -> DataFrame:
     """Distinct subscribers per unit per day."""
     return daily.groupBy("date", "spatial_unit", "unit").agg(
@@ -116,6 +154,15 @@ def run(spark: SparkSession, cfg: Config) -> None:
     daily = lake.read("silver.cdr_daily_locations").filter(
         F.col("date").between(F.lit(start), F.lit(end)) & (F.col("spatial_unit") == cdr.spatial_unit)
     )
+    with stage("cdr.home_locations -> silver") as st:
+        night = daily_locations(located, cdr.daily_location_rule, cdr.spatial_unit, cdr.home_night_hours)
+        b_start, b_end = baseline_window(start, end, cdr.event_date, cdr.baseline_days)
+        homes = home_locations(night, "baseline", b_start, b_end, cdr.home_min_days)
+        st.rows_out = lake.write(
+            homes, "silver.cdr_home_locations", period=(b_start, b_start),
+            scope={"spatial_unit": cdr.spatial_unit, "window": "baseline"},
+        ).rows_written
+        st.notes["window"] = f"{b_start}..{b_end}"
     with stage("cdr.presence -> gold") as st:
         st.rows_in = res.rows_written
         out = lake.write(presence(daily), "gold.cdr_presence_daily", period=(start, end), scope=scope)
