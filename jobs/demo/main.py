@@ -69,6 +69,7 @@ def run(spark: SparkSession, cfg: Config) -> None:
     ]
     lines += [f"    {name:<32} {lake.location(name)}" for name in (
         "bronze.cdr_events", "quarantine.cdr_events", "silver.cdr_cells", "silver.cdr_daily_locations",
+        "silver.cdr_home_locations",
         "gold.cdr_presence_daily")]
     lines += [
         f"  bronze events    : {bronze:,} (planted clean rows: {accepted:,})",
