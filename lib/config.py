@@ -119,6 +119,22 @@ class CdrInput(_Section):
     format: Literal["csv", "parquet"] = "csv"
 
 
+class ScalingSettings(_Section):
+    """Optional scaling of subscriber counts to population estimates (per spatial unit).
+
+    Either ``weights`` (unit -> multiplier) or a population per unit (``population`` or a CSV at
+    ``population_path`` with columns unit, population); with a population the weight of a unit is
+    population / baseline residents (subscribers whose baseline home is the unit).
+    """
+
+    weights: dict[str, float] = Field(default_factory=dict)
+    population: dict[str, float] = Field(default_factory=dict)
+    population_path: str | None = None
+
+    def enabled(self) -> bool:
+        return bool(self.weights or self.population or self.population_path)
+
+
 class CdrSettings(_Section):
     """Call-detail-record pipeline settings (jobs/cdr)."""
 
@@ -132,13 +148,17 @@ class CdrSettings(_Section):
     nearest_area_max_km: float = Field(5.0, ge=0)
     daily_location_rule: Literal["last", "most_frequent"] = "last"
     hours: tuple[int, int] | None = None  # optional [start, end) hour window for daily locations
-    min_events_per_day: float = Field(0.0, ge=0)
-    min_active_days: int = Field(1, ge=1)
-    max_events_per_day: float = Field(1000.0, gt=0)
+    # Activity filters, defaults as in the World Bank COVID-19 mobility indicators: drop SIMs with
+    # fewer than 3 events in the period, more than 100 a day on average, or more than 200 on one day.
+    min_events: int = Field(3, ge=0)
+    max_mean_events_per_day: float = Field(100.0, gt=0)
+    max_events_single_day: int = Field(200, gt=0)
     home_night_hours: tuple[int, int] = (19, 7)  # [start, end) wrapping midnight
     home_min_days: int = Field(3, ge=1)
     baseline_days: int = Field(14, ge=1)
     event_date: date | None = None
+    post_event_weeks: int = Field(4, ge=1)  # weeks after event_date with a home location each
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
 
 
 class DemoSettings(_Section):

@@ -26,6 +26,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from lib.runtime import log
+
 LAYERS = ("bronze", "silver", "gold", "quarantine", "exports", "audit")
 
 
@@ -166,11 +168,35 @@ class Lakehouse:
         for key, value in s.table_properties().items():
             builder = builder.property(key, value)
         table = builder.execute()
+        self._evolve(name, table)
         present = self.properties(name)
         for cname, expr in s.constraints.items():
             if f"delta.constraints.{cname.lower()}" not in present:
                 self.spark.sql(f"ALTER TABLE delta.`{location}` ADD CONSTRAINT {cname} CHECK ({expr})")
         return table
+
+    def _evolve(self, name: str, table: DeltaTable) -> None:
+        """Bring an existing table to the registered schema: new nullable columns are added
+        (older rows read them as null); any other difference is an error naming it."""
+        want = spec(name).schema
+        have = {f.name: f for f in table.toDF().schema.fields}
+        problems = [
+            f"column '{f.name}' is {have[f.name].dataType.simpleString()}, registered as {f.dataType.simpleString()}"
+            for f in want.fields if f.name in have and have[f.name].dataType != f.dataType
+        ]
+        problems += [f"column '{c}' is no longer registered" for c in have if c not in want.fieldNames()]
+        added = [f for f in want.fields if f.name not in have]
+        problems += [f"new column '{f.name}' is not nullable, so older rows cannot take it" for f in added
+                     if not f.nullable]
+        if problems:
+            raise TableError(
+                f"table {name} at {self.location(name)} has an older schema: " + "; ".join(problems)
+                + ". Migrate it, or remove it and re-run its job."
+            )
+        if added:
+            cols = ", ".join(f"{_quote(f.name)} {f.dataType.simpleString()}" for f in added)
+            self.spark.sql(f"ALTER TABLE delta.`{self.location(name)}` ADD COLUMNS ({cols})")
+            log.info("table %s: added columns %s", name, [f.name for f in added])
 
     def properties(self, name: str) -> dict[str, str]:
         rows = self.spark.sql(f"SHOW TBLPROPERTIES delta.`{self.location(name)}`").collect()
@@ -449,8 +475,10 @@ CDR_PRESENCE = _reg(
         ("spatial_unit", S, False),
         ("unit", S, False),
         ("n_subscribers", L, False),
+        ("est_population", DBL, True),
     ),
-    description="Distinct subscribers with their daily location in each unit, per day (exact counts).",
+    description="Distinct subscribers with their daily location in each unit, per day (exact counts). "
+    "est_population is an ESTIMATE (n_subscribers x the unit's scaling weight), null without scaling.",
     source="cdr",
     owner_job="cdr.mobility",
     partition_by=("date",),
@@ -493,4 +521,127 @@ CDR_HOME_LOCATIONS = _reg(
     scope_columns=("spatial_unit", "window"),
     keys=("window", "subscriber_id", "spatial_unit"),
     constraints={"subscriber_is_pseudonym": PSEUDONYM_CHECK, "days_consistent": "n_days_home <= n_days_seen"},
+)
+
+
+# --- CDR gold: flows and displacement --------------------------------------------------------
+EST = ("est_population", DBL, True)
+EST_NOTE = " est_population is an ESTIMATE (count x the origin's scaling weight), null without scaling."
+
+CDR_OD_DAILY = _reg(
+    name="gold.cdr_od_daily",
+    schema=_fields(
+        ("date", D, False),
+        ("spatial_unit", S, False),
+        ("origin", S, False),
+        ("destination", S, False),
+        ("n_subscribers", L, False),
+        EST,
+    ),
+    description="Consecutive-day flows: subscribers whose daily location was origin on date and destination "
+    "on the next day (origin = destination: stayed)." + EST_NOTE,
+    source="cdr",
+    owner_job="cdr.mobility",
+    partition_by=("date",),
+    period_column="date",
+    scope_columns=("spatial_unit",),
+    keys=("date", "spatial_unit", "origin", "destination"),
+    constraints={"count_positive": "n_subscribers > 0"},
+)
+
+CDR_OD_WEEKLY = _reg(
+    name="gold.cdr_od_weekly",
+    schema=_fields(
+        ("week_start", D, False),
+        ("spatial_unit", S, False),
+        ("origin", S, False),
+        ("destination", S, False),
+        ("n_subscribers", L, False),
+        ("n_transitions", L, False),
+        ("days_covered", INT, False),
+        EST,
+    ),
+    description="Consecutive-day flows per ISO week (Monday start): distinct subscribers with at least one "
+    "origin -> destination day-to-day transition starting in the week, the number of such transitions, and "
+    "how many of the week's days the run's period covered." + EST_NOTE,
+    source="cdr",
+    owner_job="cdr.mobility",
+    period_column="week_start",
+    scope_columns=("spatial_unit",),
+    keys=("week_start", "spatial_unit", "origin", "destination"),
+    constraints={"count_positive": "n_subscribers > 0", "transitions_cover_subscribers": "n_transitions >= n_subscribers",
+                 "days_in_week": "days_covered BETWEEN 1 AND 7"},
+)
+
+CDR_OD_HOME_CURRENT = _reg(
+    name="gold.cdr_od_home_current",
+    schema=_fields(
+        ("date", D, False),
+        ("spatial_unit", S, False),
+        ("origin", S, False),
+        ("destination", S, False),
+        ("n_subscribers", L, False),
+        EST,
+    ),
+    description="Home-to-current flows: subscribers with baseline home origin whose daily location on date "
+    "was destination." + EST_NOTE,
+    source="cdr",
+    owner_job="cdr.mobility",
+    partition_by=("date",),
+    period_column="date",
+    scope_columns=("spatial_unit",),
+    keys=("date", "spatial_unit", "origin", "destination"),
+    constraints={"count_positive": "n_subscribers > 0"},
+)
+
+CDR_DISPLACEMENT = _reg(
+    name="gold.cdr_displacement",
+    schema=_fields(
+        ("event_date", D, False),
+        ("week_since_event", INT, False),
+        ("window_start", D, False),
+        ("window_end", D, False),
+        ("spatial_unit", S, False),
+        ("origin", S, False),
+        ("destination", S, False),
+        ("n_subscribers", L, False),
+        EST,
+    ),
+    description="Displacement after event_date: subscribers whose home in the post-event week differs from "
+    "their pre-event baseline home, per origin (baseline home) x destination (post-event home)." + EST_NOTE,
+    source="cdr",
+    owner_job="cdr.mobility",
+    period_column="window_start",
+    scope_columns=("spatial_unit", "event_date"),
+    keys=("event_date", "week_since_event", "spatial_unit", "origin", "destination"),
+    constraints={"count_positive": "n_subscribers > 0", "displaced": "origin <> destination",
+                 "after_event": "window_start >= event_date"},
+)
+
+CDR_DISPLACEMENT_SHARE = _reg(
+    name="gold.cdr_displacement_share",
+    schema=_fields(
+        ("event_date", D, False),
+        ("week_since_event", INT, False),
+        ("window_start", D, False),
+        ("window_end", D, False),
+        ("spatial_unit", S, False),
+        ("origin", S, False),
+        ("n_baseline_residents", L, False),
+        ("n_subscribers", L, False),
+        ("n_away", L, False),
+        ("share_away", DBL, False),
+        EST,
+    ),
+    description="Share of each origin's baseline residents who are away: n_subscribers = baseline residents "
+    "with a home in the post-event week, n_away = those whose home there is elsewhere, share_away = "
+    "n_away / n_subscribers. est_population is an ESTIMATE of people away (n_away x the origin's weight).",
+    source="cdr",
+    owner_job="cdr.mobility",
+    period_column="window_start",
+    scope_columns=("spatial_unit", "event_date"),
+    keys=("event_date", "week_since_event", "spatial_unit", "origin"),
+    constraints={"observed_within_residents": "n_subscribers <= n_baseline_residents",
+                 "away_within_observed": "n_away <= n_subscribers",
+                 "share_range": "share_away BETWEEN 0 AND 1"},
 )

@@ -129,3 +129,31 @@ def test_bad_specs_are_refused() -> None:
         TableSpec(name="platinum.x", schema=schema, description="", source="", owner_job="")
     with pytest.raises(TableError, match="column 'y'"):
         TableSpec(name="gold.x", schema=schema, description="", source="", owner_job="", partition_by=("y",))
+
+
+def test_an_older_table_gains_new_nullable_columns_and_refuses_other_changes(
+    spark: SparkSession, lake: Lakehouse
+) -> None:
+    from lib import tables
+
+    base = [("date", T.DateType(), False), ("unit", T.StringType(), False)]
+
+    def spec_with(*extra: tuple[str, T.DataType, bool]) -> TableSpec:
+        fields = [T.StructField(n, t, nl) for n, t, nl in (*base, *extra)]
+        return TableSpec(name="silver.test_evolving", schema=T.StructType(fields), description="", source="tests",
+                         owner_job="tests", period_column="date")
+
+    try:
+        tables._REGISTRY["silver.test_evolving"] = spec_with()  # noqa: SLF001
+        lake.write(spark.createDataFrame([(date(2024, 1, 1), "A")], "date date, unit string"),
+                   "silver.test_evolving", mode="append")
+        tables._REGISTRY["silver.test_evolving"] = spec_with(("share", T.DoubleType(), True))  # noqa: SLF001
+        lake.write(spark.createDataFrame([(date(2024, 1, 2), "B", 0.5)], "date date, unit string, share double"),
+                   "silver.test_evolving", mode="append")
+        got = sorted(map(tuple, lake.read("silver.test_evolving").collect()))
+        assert got == [(date(2024, 1, 1), "A", None), (date(2024, 1, 2), "B", 0.5)]
+        tables._REGISTRY["silver.test_evolving"] = spec_with(("share", T.StringType(), True))  # noqa: SLF001
+        with pytest.raises(TableError, match=r"older schema: column 'share' is double, registered as string"):
+            lake.ensure("silver.test_evolving")
+    finally:
+        tables._REGISTRY.pop("silver.test_evolving", None)  # noqa: SLF001

@@ -13,6 +13,7 @@ files (IMSI, IMEI, ...) are never read.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from lib import geo
 from lib.config import CdrInput, CdrSettings, Config, ConfigError
 from lib.privacy.pseudonym import load_key, pseudonym_column
 from lib.runtime import log, stage
-from lib.tables import Lakehouse
+from lib.tables import Lakehouse, spec
 
 DESCRIPTION = "CDR event files + cells -> bronze.cdr_events (pseudonymised) and quarantine.cdr_events"
 
@@ -136,6 +137,25 @@ def place_cells(cells: pd.DataFrame, cdr: CdrSettings, source_file: str) -> tupl
     return usable, quarantined
 
 
+def join_valid_cells(
+    events: DataFrame, cells: DataFrame, how: str, columns: Mapping[str, str] | None = None
+) -> DataFrame:
+    """Events joined to the row of their cell that is valid on the event date.
+
+    Cells can move or be re-numbered: a row applies from ``valid_from`` to ``valid_to``
+    (both inclusive, null = open). The cells table is small and broadcast. The result
+    has ``_cell`` (null when no row applies, for ``how="left"``) plus ``columns`` of
+    the cells table renamed as given.
+    """
+    extra = [F.col(k).alias(v) for k, v in (columns or {}).items()]
+    c = cells.select(
+        F.col("cell_id").alias("_cell"), F.col("valid_from").alias("_from"), F.col("valid_to").alias("_to"), *extra
+    )
+    cond = (F.col("cell_id") == F.col("_cell")) & (F.col("_from").isNull() | (F.col("event_date") >= F.col("_from"))) \
+        & (F.col("_to").isNull() | (F.col("event_date") <= F.col("_to")))
+    return events.join(F.broadcast(c), on=cond, how=how).drop("_from", "_to")
+
+
 def parse_time(col: Column, fmt: str | None) -> Column:
     return F.try_to_timestamp(col, F.lit(fmt)) if fmt else F.try_to_timestamp(col)
 
@@ -169,13 +189,7 @@ def classify_events(
     )
     parsed = parsed.withColumn("outgoing", F.when(F.col("_raw_out").isNotNull(), F.col("_out"))).drop("_out", "_raw_out")
     parsed = parsed.withColumn("event_date", F.to_date("event_time"))
-    valid_cells = cells.select(
-        F.col("cell_id").alias("_cell"), F.col("valid_from").alias("_from"), F.col("valid_to").alias("_to")
-    )
-    in_validity = (F.col("cell_id") == F.col("_cell")) & (
-        F.col("_from").isNull() | (F.col("event_date") >= F.col("_from"))
-    ) & (F.col("_to").isNull() | (F.col("event_date") <= F.col("_to")))
-    joined = parsed.join(F.broadcast(valid_cells), on=in_validity, how="left")
+    joined = join_valid_cells(parsed, cells, how="left")
     reason = (
         F.when(F.col("event_time").isNull(), F.lit("unparseable_time"))
         .when(F.col("_msisdn").isNull() | (F.col("_msisdn") == ""), F.lit("null_subscriber"))
@@ -183,7 +197,7 @@ def classify_events(
         .when((F.col("event_date") < F.lit(start)) | (F.col("event_date") > F.lit(end)), F.lit("outside_period"))
         .when(F.col("_cell").isNull(), F.lit("unknown_cell"))
     )
-    tagged = joined.withColumn("reason", reason).drop("_cell", "_from", "_to")
+    tagged = joined.withColumn("reason", reason).drop("_cell")
     # Exact duplicates among otherwise valid rows: the first copy is kept.
     dup_key = ["_msisdn", "event_time", "cell_id", "event_type", "_counterpart", "outgoing", "duration_s"]
     w = Window.partitionBy(*dup_key).orderBy("source_file")
@@ -257,12 +271,12 @@ def ingest_cells(spark: SparkSession, cfg: Config, lake: Lakehouse) -> DataFrame
                 ["cell_id", "site_id", "longitude", "latitude", "valid_from", "valid_to", "h3_index", "admin1",
                  "admin2", "assignment"]
             ].astype(object).where(usable.notna(), None),
-            schema=lake_schema("silver.cdr_cells"),
+            schema=spec("silver.cdr_cells").schema,
         )
         lake.write(cells_df, "silver.cdr_cells", mode="overwrite")
         q = quarantined.reindex(columns=["cell_id", "source_file", "reason", "longitude", "latitude"])
         lake.write(
-            spark.createDataFrame(q.astype(object).where(q.notna(), None), schema=lake_schema("quarantine.cdr_cells")),
+            spark.createDataFrame(q.astype(object).where(q.notna(), None), schema=spec("quarantine.cdr_cells").schema),
             "quarantine.cdr_cells",
             mode="overwrite",
         )
@@ -271,12 +285,6 @@ def ingest_cells(spark: SparkSession, cfg: Config, lake: Lakehouse) -> DataFrame
         if len(usable) + len(quarantined) != len(raw):
             raise RuntimeError(f"cells: {len(raw)} in but {len(usable)} + {len(quarantined)} out")
     return lake.read("silver.cdr_cells")
-
-
-def lake_schema(name: str):  # type: ignore[no-untyped-def]
-    from lib.tables import spec
-
-    return spec(name).schema
 
 
 def run(spark: SparkSession, cfg: Config) -> None:

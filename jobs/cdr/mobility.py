@@ -1,26 +1,36 @@
-"""CDR mobility: bronze events -> daily locations (silver) -> presence (gold).
+"""CDR mobility: bronze events -> daily and home locations (silver) -> flows, presence, displacement (gold).
 
-Reads ``bronze.cdr_events`` and ``silver.cdr_cells``; writes
-``silver.cdr_daily_locations`` and ``gold.cdr_presence_daily`` for the
-configured period and spatial unit (re-running replaces exactly that slice).
+Reads ``bronze.cdr_events`` and ``silver.cdr_cells``; writes, for the configured
+period and spatial unit (re-running replaces exactly that slice):
 
-Metrics build on each other as in FlowKit: a daily location per subscriber
-from events, presence from daily locations.
+- ``silver.cdr_daily_locations``: one unit per active subscriber per day;
+- ``silver.cdr_home_locations``: modal night-time location over the baseline
+  window and over each week after ``cdr.event_date``;
+- ``gold.cdr_presence_daily``, ``gold.cdr_od_daily`` (day d -> d+1),
+  ``gold.cdr_od_weekly``, ``gold.cdr_od_home_current`` (baseline home -> daily
+  location), and with an event date ``gold.cdr_displacement`` and
+  ``gold.cdr_displacement_share``.
+
+Metrics build on each other as in FlowKit: daily locations from events, homes
+from night-time daily locations, flows and displacement from those. Every gold
+row carries ``n_subscribers`` (distinct subscribers); ``est_population`` is an
+optional scaled estimate (``cdr.scaling``), null when scaling is off.
 """
 
 from __future__ import annotations
 
 from datetime import date, timedelta
 
+from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from jobs.cdr.ingest import require_period
-from lib.config import Config, ConfigError
-from lib.runtime import stage
+from jobs.cdr.ingest import join_valid_cells, require_period
+from lib.config import CdrSettings, Config, ConfigError, ScalingSettings
+from lib.runtime import log, stage
 from lib.tables import Lakehouse
 
-DESCRIPTION = "bronze.cdr_events -> silver daily locations -> gold presence"
+DESCRIPTION = "bronze.cdr_events -> daily/home locations -> presence, OD flows, displacement (gold)"
 
 
 def unit_column(spatial_unit: str) -> str:
@@ -34,16 +44,8 @@ def unit_column(spatial_unit: str) -> str:
 
 def events_with_units(events: DataFrame, cells: DataFrame, spatial_unit: str) -> DataFrame:
     """Events with the spatial unit of their cell on the event date."""
-    col = unit_column(spatial_unit)
-    c = cells.select(
-        F.col("cell_id").alias("_cell"), F.col("valid_from").alias("_from"), F.col("valid_to").alias("_to"),
-        F.col(col).alias("unit"),
-    )
-    cond = (F.col("cell_id") == F.col("_cell")) & (F.col("_from").isNull() | (F.col("event_date") >= F.col("_from"))) \
-        & (F.col("_to").isNull() | (F.col("event_date") <= F.col("_to")))
-    return events.join(F.broadcast(c), on=cond, how="inner").select(
-        "subscriber_id", "event_time", F.col("event_date").alias("date"), "unit"
-    )
+    joined = join_valid_cells(events, cells, how="inner", columns={unit_column(spatial_unit): "unit"})
+    return joined.select("subscriber_id", "event_time", F.col("event_date").alias("date"), "unit")
 
 
 def in_hours(hour_col: str, hours: tuple[int, int] | None):  # type: ignore[no-untyped-def]
@@ -83,37 +85,58 @@ def daily_locations(
     )
 
 
-def active_subscribers(events: DataFrame, min_days: int, min_per_day: float, max_per_day: float) -> DataFrame:
-    """Subscribers whose activity is plausible for a person (not a machine or a near-silent SIM)."""
-    stats = events.groupBy("subscriber_id").agg(
-        F.countDistinct("date").alias("days"), F.count("*").alias("n")
-    ).withColumn("per_day", F.col("n") / F.col("days"))
-    return stats.filter(
-        (F.col("days") >= min_days) & (F.col("per_day") >= min_per_day) & (F.col("per_day") <= max_per_day)
-    ).select("subscriber_id")
+ACTIVITY_REASONS = ("too_few_events", "too_many_events_per_day_on_average", "too_many_events_on_one_day")
 
 
-def home_locations(
-    night_daily: DataFrame, window: str, start: date, end: date, min_days: int
-) -> DataFrame:
-    """Modal night-time daily location over [start, end] per subscriber.
+def activity_status(events: DataFrame, cdr: CdrSettings, n_days: int) -> DataFrame:
+    """Per subscriber: ``excluded`` reason (null = kept) from the activity filters.
 
-    Subscribers seen on fewer than ``min_days`` distinct nights have no home. Ties
-    between units with as many nights go to the unit seen most recently.
+    A SIM is dropped with fewer than ``min_events`` events in the period, more than
+    ``max_mean_events_per_day`` per day of the period on average, or more than
+    ``max_events_single_day`` on one day (the World Bank COVID-19 indicator rules).
     """
-    in_window = night_daily.filter(F.col("date").between(F.lit(start), F.lit(end)))
-    per_unit = in_window.groupBy("subscriber_id", "spatial_unit", "unit").agg(
+    per_day = events.groupBy("subscriber_id", "date").agg(F.count("*").alias("n_day"))
+    stats = per_day.groupBy("subscriber_id").agg(F.sum("n_day").alias("n"), F.max("n_day").alias("max_day"))
+    reason = (
+        F.when(F.col("n") < cdr.min_events, F.lit(ACTIVITY_REASONS[0]))
+        .when(F.col("n") / F.lit(n_days) > cdr.max_mean_events_per_day, F.lit(ACTIVITY_REASONS[1]))
+        .when(F.col("max_day") > cdr.max_events_single_day, F.lit(ACTIVITY_REASONS[2]))
+    )
+    return stats.select("subscriber_id", reason.alias("excluded"))
+
+
+def home_locations(night_daily: DataFrame, windows: list[tuple[str, date, date]], min_days: int) -> DataFrame:
+    """Modal night-time daily location per subscriber in each (name, start, end) window, in one pass.
+
+    Windows must not overlap. Subscribers seen on fewer than ``min_days`` distinct
+    nights of a window have no home for it. Ties between units with as many nights go
+    to the unit seen most recently, then to the first unit by name.
+    """
+    if not windows:
+        raise ValueError("home_locations: no windows")
+    ordered = sorted(windows, key=lambda w: w[1])
+    for (n1, _, e1), (n2, s2, _) in zip(ordered, ordered[1:], strict=False):
+        if s2 <= e1:
+            raise ValueError(f"home windows {n1} and {n2} overlap")
+    name = F.lit(None).cast("string")
+    for w, ws, we in windows:
+        name = F.when(F.col("date").between(F.lit(ws), F.lit(we)), F.lit(w)).otherwise(name)
+    bounds = {w: (ws, we) for w, ws, we in windows}
+    tagged = night_daily.withColumn("window", name).filter(F.col("window").isNotNull())
+    per_unit = tagged.groupBy("window", "subscriber_id", "spatial_unit", "unit").agg(
         F.countDistinct("date").alias("n_days_home"), F.max("date").alias("last_seen")
     )
-    by_sub = Window.partitionBy("subscriber_id", "spatial_unit")
+    by_sub = Window.partitionBy("window", "subscriber_id", "spatial_unit")
     ranked = per_unit.withColumn("n_days_seen", F.sum("n_days_home").over(by_sub)).withColumn(
         "_rank",
         F.row_number().over(by_sub.orderBy(F.col("n_days_home").desc(), F.col("last_seen").desc(), F.col("unit"))),
     )
+    starts = F.create_map(*[x for w, (ws, _) in bounds.items() for x in (F.lit(w), F.lit(ws))])
+    ends = F.create_map(*[x for w, (_, we) in bounds.items() for x in (F.lit(w), F.lit(we))])
     return ranked.filter((F.col("_rank") == 1) & (F.col("n_days_seen") >= min_days)).select(
-        F.lit(window).alias("window"),
-        F.lit(start).alias("window_start"),
-        F.lit(end).alias("window_end"),
+        "window",
+        starts[F.col("window")].alias("window_start"),
+        ends[F.col("window")].alias("window_end"),
         "subscriber_id",
         "spatial_unit",
         F.col("unit").alias("home_unit"),
@@ -129,11 +152,131 @@ def baseline_window(start: date, end: date, event_date: date | None, baseline_da
     return start, min(end, start + timedelta(days=baseline_days - 1))
 
 
+def post_event_windows(event_date: date, end: date, weeks: int) -> list[tuple[str, date, date]]:
+    """Week k after the event: [event + 7k, event + 7k + 6], clipped to the period end."""
+    out = []
+    for k in range(weeks):
+        ws = event_date + timedelta(days=7 * k)
+        if ws > end:
+            break
+        out.append((f"post_event_week_{k}", ws, min(end, ws + timedelta(days=6))))
+    return out
+
+
 def presence(daily: DataFrame) -> DataFrame:
     """Distinct subscribers per unit per day."""
     return daily.groupBy("date", "spatial_unit", "unit").agg(
         F.countDistinct("subscriber_id").cast("long").alias("n_subscribers")
     ).select("date", "spatial_unit", "unit", "n_subscribers")
+
+
+def transitions(daily: DataFrame) -> DataFrame:
+    """Day-to-day moves: (date d, subscriber, origin = location on d, destination = location on d + 1)."""
+    a = daily.select("date", "subscriber_id", "spatial_unit", F.col("unit").alias("origin"))
+    b = daily.select(
+        F.date_sub("date", 1).alias("date"), "subscriber_id", "spatial_unit", F.col("unit").alias("destination")
+    )
+    return a.join(b, on=["date", "subscriber_id", "spatial_unit"], how="inner")
+
+
+def od_daily(daily: DataFrame) -> DataFrame:
+    """Consecutive-day OD matrix per day (daily locations are unique per subscriber and day)."""
+    return transitions(daily).groupBy("date", "spatial_unit", "origin", "destination").agg(
+        F.countDistinct("subscriber_id").cast("long").alias("n_subscribers")
+    )
+
+
+def od_weekly(daily: DataFrame, start: date, end: date) -> DataFrame:
+    """Consecutive-day OD matrix per ISO week (transitions assigned to the week of their first day)."""
+    week = F.date_trunc("week", F.col("date")).cast("date")
+    t = transitions(daily).withColumn("week_start", week)
+    covered = F.least(F.date_add("week_start", 6), F.lit(end))
+    first = F.greatest(F.col("week_start"), F.lit(start))
+    return t.groupBy("week_start", "spatial_unit", "origin", "destination").agg(
+        F.countDistinct("subscriber_id").cast("long").alias("n_subscribers"),
+        F.count("*").cast("long").alias("n_transitions"),
+    ).withColumn("days_covered", (F.datediff(covered, first) + 1).cast("int"))
+
+
+def od_home_current(daily: DataFrame, baseline_homes: DataFrame) -> DataFrame:
+    """Baseline home -> daily location, per day."""
+    homes = baseline_homes.select("subscriber_id", "spatial_unit", F.col("home_unit").alias("origin"))
+    return daily.join(homes, on=["subscriber_id", "spatial_unit"], how="inner").groupBy(
+        "date", "spatial_unit", "origin", F.col("unit").alias("destination")
+    ).agg(F.countDistinct("subscriber_id").cast("long").alias("n_subscribers"))
+
+
+def displacement(homes: DataFrame, event_date: date) -> tuple[DataFrame, DataFrame]:
+    """(per-OD displacement, per-origin share away) from baseline and post-event homes."""
+    base = homes.filter(F.col("window") == "baseline").select(
+        "subscriber_id", "spatial_unit", F.col("home_unit").alias("origin")
+    )
+    post = homes.filter(F.col("window").startswith("post_event_week_")).select(
+        F.regexp_extract("window", r"(\d+)$", 1).cast("int").alias("week_since_event"),
+        "window_start", "window_end", "subscriber_id", "spatial_unit", F.col("home_unit").alias("destination"),
+    )
+    both = base.join(post, on=["subscriber_id", "spatial_unit"], how="inner")
+    away = F.col("origin") != F.col("destination")
+    ev = F.lit(event_date).alias("event_date")
+    od = both.filter(away).groupBy("week_since_event", "window_start", "window_end", "spatial_unit", "origin",
+                                   "destination").agg(
+        F.countDistinct("subscriber_id").cast("long").alias("n_subscribers")
+    ).select(ev, "*")
+    residents = base.groupBy("spatial_unit", "origin").agg(
+        F.countDistinct("subscriber_id").cast("long").alias("n_baseline_residents")
+    )
+    share = both.groupBy("week_since_event", "window_start", "window_end", "spatial_unit", "origin").agg(
+        F.countDistinct("subscriber_id").cast("long").alias("n_subscribers"),
+        F.countDistinct(F.when(away, F.col("subscriber_id"))).cast("long").alias("n_away"),
+    ).join(residents, on=["spatial_unit", "origin"], how="inner").withColumn(
+        "share_away", F.col("n_away") / F.col("n_subscribers")
+    ).select(ev, "*")
+    return od, share
+
+
+# ----------------------------------------------------------------------------- scaling
+
+
+def scaling_weights(scaling: ScalingSettings, baseline_homes: DataFrame) -> dict[str, float]:
+    """unit -> weight: given directly, or population / baseline residents of the unit."""
+    if scaling.weights:
+        return dict(scaling.weights)
+    population = dict(scaling.population)
+    if scaling.population_path:
+        import pandas as pd
+
+        try:
+            table = pd.read_csv(scaling.population_path, dtype={"unit": str})
+        except OSError as exc:
+            raise ConfigError(f"cdr.scaling.population_path: {scaling.population_path}: {exc}") from None
+        missing = {"unit", "population"} - set(table.columns)
+        if missing:
+            raise ConfigError(
+                f"cdr.scaling.population_path: {scaling.population_path} lacks columns {sorted(missing)}"
+            )
+        bad = table[pd.to_numeric(table["population"], errors="coerce").isna()]
+        if not bad.empty:
+            raise ConfigError(
+                f"cdr.scaling.population_path: {scaling.population_path} row {int(bad.index[0]) + 2}: "
+                f"population '{bad.iloc[0]['population']}' is not a number"
+            )
+        population.update(zip(table["unit"], table["population"].astype(float), strict=True))
+    residents = {
+        r["home_unit"]: r["n"]
+        for r in baseline_homes.groupBy("home_unit").agg(F.count("*").alias("n")).collect()
+    }
+    return {u: p / residents[u] for u, p in population.items() if residents.get(u)}
+
+
+def with_estimate(df: DataFrame, weights: dict[str, float], unit_col: str, count_col: str) -> DataFrame:
+    """Add est_population = count x weight of the unit (null for units without a weight or without scaling)."""
+    if not weights:
+        return df.withColumn("est_population", F.lit(None).cast("double"))
+    w = F.create_map(*[x for u, v in sorted(weights.items()) for x in (F.lit(u), F.lit(float(v)))])
+    return df.withColumn("est_population", F.round(F.col(count_col) * w[F.col(unit_col)], 1))
+
+
+# ----------------------------------------------------------------------------- job
 
 
 def run(spark: SparkSession, cfg: Config) -> None:
@@ -143,27 +286,74 @@ def run(spark: SparkSession, cfg: Config) -> None:
     events = lake.read("bronze.cdr_events").filter(F.col("event_date").between(F.lit(start), F.lit(end)))
     cells = lake.read("silver.cdr_cells")
     located = events_with_units(events, cells, cdr.spatial_unit)
-    active = active_subscribers(located, cdr.min_active_days, cdr.min_events_per_day, cdr.max_events_per_day)
-    located = located.join(active, on="subscriber_id", how="left_semi")
     scope = {"spatial_unit": cdr.spatial_unit}
+    n_days = (end - start).days + 1
+
+    with stage("cdr.activity_filter") as st:
+        status = activity_status(located, cdr, n_days).persist(StorageLevel.MEMORY_AND_DISK)
+        counts = {r["excluded"] or "kept": r["n"] for r in status.groupBy("excluded").agg(F.count("*").alias("n")).collect()}
+        st.rows_in = sum(counts.values())
+        st.rows_out = counts.get("kept", 0)
+        st.notes.update({k: v for k, v in counts.items() if k != "kept"})
+        active = status.filter(F.col("excluded").isNull()).select("subscriber_id")
+        located = located.join(active, on="subscriber_id", how="left_semi")
 
     with stage("cdr.daily_locations -> silver") as st:
         daily = daily_locations(located, cdr.daily_location_rule, cdr.spatial_unit, cdr.hours)
         res = lake.write(daily, "silver.cdr_daily_locations", period=(start, end), scope=scope)
         st.rows_out = res.rows_written
+    status.unpersist()
     daily = lake.read("silver.cdr_daily_locations").filter(
         F.col("date").between(F.lit(start), F.lit(end)) & (F.col("spatial_unit") == cdr.spatial_unit)
     )
+
     with stage("cdr.home_locations -> silver") as st:
         night = daily_locations(located, cdr.daily_location_rule, cdr.spatial_unit, cdr.home_night_hours)
         b_start, b_end = baseline_window(start, end, cdr.event_date, cdr.baseline_days)
-        homes = home_locations(night, "baseline", b_start, b_end, cdr.home_min_days)
+        windows = [("baseline", b_start, b_end)]
+        if cdr.event_date is not None and start < cdr.event_date <= end:
+            windows += post_event_windows(cdr.event_date, end, cdr.post_event_weeks)
+        homes = home_locations(night, windows, cdr.home_min_days)
         st.rows_out = lake.write(
-            homes, "silver.cdr_home_locations", period=(b_start, b_start),
-            scope={"spatial_unit": cdr.spatial_unit, "window": "baseline"},
+            homes, "silver.cdr_home_locations", period=(b_start, windows[-1][1]), scope=scope
         ).rows_written
-        st.notes["window"] = f"{b_start}..{b_end}"
-    with stage("cdr.presence -> gold") as st:
-        st.rows_in = res.rows_written
-        out = lake.write(presence(daily), "gold.cdr_presence_daily", period=(start, end), scope=scope)
-        st.rows_out = out.rows_written
+        st.notes["windows"] = ", ".join(f"{w}={ws}..{we}" for w, ws, we in windows)
+    homes = lake.read("silver.cdr_home_locations").filter(
+        F.col("window_start").between(F.lit(b_start), F.lit(windows[-1][1]))
+        & (F.col("spatial_unit") == cdr.spatial_unit)
+    )
+    baseline_homes = homes.filter(F.col("window") == "baseline")
+    weights = scaling_weights(cdr.scaling, baseline_homes) if cdr.scaling.enabled() else {}
+    if cdr.scaling.enabled() and not weights:
+        raise ConfigError("cdr.scaling: no scaling weight matches a unit with baseline residents")
+
+    gold = [
+        ("gold.cdr_presence_daily", with_estimate(presence(daily), weights, "unit", "n_subscribers"), (start, end)),
+        ("gold.cdr_od_daily", with_estimate(od_daily(daily), weights, "origin", "n_subscribers"), (start, end)),
+        ("gold.cdr_od_weekly", with_estimate(od_weekly(daily, start, end), weights, "origin", "n_subscribers"),
+         (start - timedelta(days=start.weekday()), end)),
+        ("gold.cdr_od_home_current",
+         with_estimate(od_home_current(daily, baseline_homes), weights, "origin", "n_subscribers"), (start, end)),
+    ]
+    for name, df, period in gold:
+        with stage(f"cdr.{name.split('.', 1)[1]} -> gold") as st:
+            st.rows_in = res.rows_written
+            st.rows_out = lake.write(df, name, period=period, scope=scope).rows_written
+
+    if len(windows) == 1:
+        log.info("cdr.mobility: no cdr.event_date inside the period; displacement tables not written")
+        return
+    assert cdr.event_date is not None
+    od, share = displacement(homes, cdr.event_date)
+    d_scope = {**scope, "event_date": cdr.event_date}
+    d_period = (windows[1][1], windows[-1][1])
+    with stage("cdr.displacement -> gold") as st:
+        st.rows_out = lake.write(
+            with_estimate(od, weights, "origin", "n_subscribers"), "gold.cdr_displacement",
+            period=d_period, scope=d_scope,
+        ).rows_written
+    with stage("cdr.displacement_share -> gold") as st:
+        st.rows_out = lake.write(
+            with_estimate(share, weights, "origin", "n_away"), "gold.cdr_displacement_share",
+            period=d_period, scope=d_scope,
+        ).rows_written

@@ -20,6 +20,8 @@ from lib.config import PROJECT_ROOT, CdrInput, Config
 from lib.runtime import log, stage
 from lib.tables import Lakehouse
 
+CDR_GOLD = ("gold.cdr_presence_daily", "gold.cdr_od_daily", "gold.cdr_od_weekly", "gold.cdr_od_home_current",
+            "gold.cdr_displacement", "gold.cdr_displacement_share")
 DESCRIPTION = "Generate synthetic inputs with a known truth and run every pipeline end to end"
 
 
@@ -61,6 +63,15 @@ def run(spark: SparkSession, cfg: Config) -> None:
     mean_before = before.agg(F.avg("n")).first()[0]
     mean_after = after.agg(F.avg("n")).first()[0]
     n_displaced = sum(truth["displaced_by_od"].values())
+    disp = lake.read("gold.cdr_displacement").filter(
+        (F.col("spatial_unit") == run_cfg.cdr.spatial_unit) & (F.col("event_date") == F.lit(event_date))
+    )
+    by_week = {r["week_since_event"]: r["n"] for r in disp.groupBy("week_since_event").agg(
+        F.sum("n_subscribers").alias("n")).collect()}
+    share = lake.read("gold.cdr_displacement_share").filter(
+        (F.col("spatial_unit") == run_cfg.cdr.spatial_unit) & (F.col("event_date") == F.lit(event_date))
+        & F.col("origin").startswith(cdr_synth.AFFECTED_REGION + "-") & (F.col("week_since_event") == 0)
+    ).agg(F.sum("n_away").alias("away"), F.sum("n_subscribers").alias("seen")).first()
     lines = [
         "",
         "migralake demo finished",
@@ -69,13 +80,16 @@ def run(spark: SparkSession, cfg: Config) -> None:
     ]
     lines += [f"    {name:<32} {lake.location(name)}" for name in (
         "bronze.cdr_events", "quarantine.cdr_events", "silver.cdr_cells", "silver.cdr_daily_locations",
-        "silver.cdr_home_locations",
-        "gold.cdr_presence_daily")]
+        "silver.cdr_home_locations", *CDR_GOLD)]
     lines += [
         f"  bronze events    : {bronze:,} (planted clean rows: {accepted:,})",
         f"  presence in {cdr_synth.AFFECTED_REGION}   : mean {mean_before:,.0f} subscribers/day before "
         f"{event_date}, {mean_after:,.0f} after (planted: {n_displaced:,} of "
         f"{truth['residents_affected_region']:,} residents leave)",
+        "  displaced (homes) : " + ", ".join(f"week {k}: {v:,}" for k, v in sorted(by_week.items()))
+        + f" subscribers with a post-event home outside their baseline home (planted: {n_displaced:,})",
+        f"  share away in {cdr_synth.AFFECTED_REGION} : {share['away'] / share['seen']:.1%} of observed baseline residents "
+        f"in week 0 (planted: {n_displaced / truth['residents_affected_region']:.1%})",
         "  list all tables  : ./spark-submit.sh tables",
     ]
     print("\n".join(lines))
