@@ -24,7 +24,7 @@ from pyspark.sql import functions as F
 
 from lib import geo
 from lib.config import CdrInput, CdrSettings, Config, ConfigError
-from lib.privacy.pseudonym import load_key, pseudonym_column
+from lib.privacy.pseudonym import load_key, pseudonym_columns
 from lib.runtime import log, stage
 from lib.tables import Lakehouse, spec
 
@@ -205,13 +205,13 @@ def classify_events(
         "reason",
         F.when(F.col("reason").isNull() & (F.row_number().over(w) > 1), F.lit("duplicate")).otherwise(F.col("reason")),
     )
+    ids = pseudonym_columns([F.when(F.col("_msisdn") != "", F.col("_msisdn")), F.col("_counterpart")], key)
     return tagged.select(
         "reason",
         "raw_time",
         "event_time",
         "event_date",
-        pseudonym_column(F.when(F.col("_msisdn") != "", F.col("_msisdn")), key).alias("subscriber_id"),
-        pseudonym_column("_counterpart", key).alias("counterpart_id"),
+        *[c.alias(n) for c, n in zip(ids, ("subscriber_id", "counterpart_id"), strict=True)],
         "cell_id",
         "event_type",
         "outgoing",

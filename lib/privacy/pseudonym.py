@@ -17,6 +17,7 @@ import os
 import secrets
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from pyspark.sql import Column
 from pyspark.sql import functions as F
@@ -74,30 +75,50 @@ def _pads(key: bytes) -> tuple[bytes, bytes]:
     return bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key)
 
 
+# Per Python worker: pseudonyms already computed, per key fingerprint. Event data repeats
+# each subscriber's id many times, so most values are looked up rather than hashed.
+_CACHE: dict[bytes, dict[str, str]] = {}
+_CACHE_MAX = 2_000_000
+
+
 def pseudonymise_values(values: pd.Series, key: bytes) -> pd.Series:
     """HMAC-SHA256 hex of each string value (None stays None); equal to ``hmac.new(key, v, sha256)``."""
     ipad, opad = _pads(key)
     inner0 = hashlib.sha256(ipad)
     outer0 = hashlib.sha256(opad)
+    cache = _CACHE.setdefault(hashlib.sha256(b"migralake-cache" + key).digest(), {})
+    if len(cache) > _CACHE_MAX:
+        cache.clear()
 
-    def one(value: object) -> str | None:
-        if value is None or (isinstance(value, float) and value != value):
-            return None
-        inner = inner0.copy()
-        inner.update(str(value).encode("utf-8"))
-        outer = outer0.copy()
-        outer.update(inner.digest())
-        return outer.hexdigest()
+    def one(value: str) -> str:
+        hit = cache.get(value)
+        if hit is None:
+            inner = inner0.copy()
+            inner.update(value.encode("utf-8"))
+            outer = outer0.copy()
+            outer.update(inner.digest())
+            hit = cache[value] = outer.hexdigest()
+        return hit
 
-    return pd.Series([one(v) for v in values], index=values.index, dtype=object)
+    codes, uniques = pd.factorize(values.astype(object).where(values.notna(), None))
+    hashed = np.array([one(str(u)) for u in uniques] + [None], dtype=object)
+    return pd.Series(hashed[codes], index=values.index, dtype=object)  # code -1 (missing) -> None
 
 
 def pseudonym_column(col: Column | str, key: bytes) -> Column:
     """A Spark column with the pseudonym of ``col`` (cast to string, trimmed)."""
+    return pseudonym_columns([col], key)[0]
 
-    @pandas_udf("string")  # type: ignore[call-overload]
-    def _hmac(values: pd.Series) -> pd.Series:
-        return pseudonymise_values(values, key)
 
-    source = F.col(col) if isinstance(col, str) else col
-    return _hmac(F.trim(source.cast("string")))
+def pseudonym_columns(cols: list[Column | str], key: bytes) -> list[Column]:
+    """Pseudonyms of several columns through one Python round trip (one pandas UDF)."""
+    names = [f"p{i}" for i in range(len(cols))]
+
+    @pandas_udf(", ".join(f"{n} string" for n in names))  # type: ignore[call-overload]
+    def _hmac(*series: pd.Series) -> pd.DataFrame:
+        return pd.DataFrame({n: pseudonymise_values(v, key) for n, v in zip(names, series, strict=True)})
+
+    sources = [F.trim((F.col(c) if isinstance(c, str) else c).cast("string")) for c in cols]
+    packed = _hmac(*sources)
+    return [packed[n] for n in names]
+

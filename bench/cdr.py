@@ -1,0 +1,153 @@
+"""CDR benchmark: N synthetic events through the whole Spark pipeline vs an independent DuckDB reference.
+
+    ./bench/run cdr [--events N] [--days D] [--workdir DIR]
+
+1. Generates about N events (FlowDB layout, Parquet, 1% bad rows and duplicates)
+   with the demo generator (not timed).
+2. Times the Spark pipeline from the files to gold: ``cdr.ingest`` (bronze,
+   quarantine, cells) and ``cdr.mobility`` (daily and home locations, presence,
+   OD daily / weekly / home-to-current, displacement), all written to Delta.
+3. Runs bench/cdr_reference.py in its own process: the same daily locations,
+   baseline homes and consecutive-day OD matrix in DuckDB SQL over the same files,
+   timed, then compared row by row with the pipeline's tables.
+
+Prints progress to stderr and, last, one JSON object: events, spark_seconds,
+reference_seconds, ratio (spark / reference), events_per_second, identical,
+plus row counts, differences per table and peak memory (driver JVM and Python).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pyspark.sql import functions as F
+
+from jobs.cdr import ingest, mobility
+from jobs.demo import cdr_synth
+from jobs.demo.main import demo_config
+from lib.config import PROJECT_ROOT, CdrInput, load_config
+from lib.runtime import configure_logging
+from lib.spark import get_spark
+
+
+def jvm_peak_rss_mb(spark) -> float | None:  # type: ignore[no-untyped-def]
+    """Peak resident memory of the driver JVM (local mode: driver and executors share it)."""
+    pid = spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid()  # noqa: SLF001
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/run cdr", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--events", type=int, default=1_000_000, help="about this many events (default 1,000,000)")
+    p.add_argument("--days", type=int, default=28)
+    p.add_argument("--events-per-day", type=float, default=6.0)
+    p.add_argument("--workdir", default="build/bench/cdr")
+    p.add_argument("--driver-memory", default="4g")
+    a = p.parse_args(argv)
+    if a.events < 1000:
+        p.error("--events must be at least 1000")
+    configure_logging("INFO")
+    os.environ.setdefault("MIGRALAKE_PSEUDONYM_KEY", secrets.token_hex(32))
+    work = Path(a.workdir)
+    work = (work if work.is_absolute() else PROJECT_ROOT / work) / f"events-{a.events}"
+    shutil.rmtree(work, ignore_errors=True)
+    n_subs = max(10, round(a.events / (a.days * a.events_per_day)))
+    cfg = load_config("demo", overrides=[
+        f"lakehouse.root={work / 'lakehouse'}", f"demo.input_dir={work / 'inputs'}",
+        f"demo.n_subscribers={n_subs}", f"demo.n_days={a.days}", f"demo.event_day={a.days // 2}",
+        f"demo.events_per_day={a.events_per_day}", "spark.show_progress=false",
+        f"spark.driver_memory={a.driver_memory}",
+    ])
+    spark = get_spark(cfg.spark)
+
+    t0 = time.perf_counter()
+    truth = cdr_synth.generate(spark, cfg.demo, Path(cfg.demo.input_dir), fmt="parquet")
+    generate_seconds = time.perf_counter() - t0
+    events = truth["rows_total"]
+    print(f"bench cdr: generated {events:,} event rows for {n_subs:,} subscribers in {generate_seconds:.1f} s",
+          file=sys.stderr)
+    run_cfg = demo_config(cfg, Path(cfg.demo.input_dir))
+    cdr_dir = Path(cfg.demo.input_dir) / "cdr"
+    run_cfg = run_cfg.model_copy(update={"cdr": run_cfg.cdr.model_copy(update={"inputs": [
+        CdrInput(path=str(cdr_dir / t), event_type=t, format="parquet") for t in cdr_synth.EVENT_TYPES]})})
+
+    t0 = time.perf_counter()
+    ingest.run(spark, run_cfg)
+    mobility.run(spark, run_cfg)
+    spark_seconds = time.perf_counter() - t0
+    print(f"bench cdr: Spark pipeline (files -> gold) {spark_seconds:.1f} s", file=sys.stderr)
+
+    # Export the pipeline's results for the row-by-row comparison (not timed).
+    from lib.tables import Lakehouse
+
+    lake = Lakehouse(spark, run_cfg.lakehouse.resolved_root())
+    out = work / "spark_out"
+    lake.read("silver.cdr_daily_locations").select("date", "subscriber_id", "unit", "n_events") \
+        .write.parquet(str(out / "daily_locations"))
+    lake.read("silver.cdr_home_locations").filter(F.col("window") == "baseline") \
+        .select("subscriber_id", "home_unit", "n_days_home", "n_days_seen").write.parquet(str(out / "homes"))
+    lake.read("gold.cdr_od_daily").select("date", "origin", "destination", "n_subscribers") \
+        .write.parquet(str(out / "od_daily"))
+    jvm_peak = jvm_peak_rss_mb(spark)
+    spark.stop()
+    python_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    c = run_cfg.cdr
+    start, end = run_cfg.period.start, run_cfg.period.end
+    assert start is not None and end is not None
+    b_start, b_end = mobility.baseline_window(start, end, c.event_date, c.baseline_days)
+    cmd = [
+        sys.executable, "-m", "bench.cdr_reference",
+        "--inputs", str(cdr_dir), "--cells", str(cdr_dir / "cells.csv"), "--admin2", str(cdr_dir / "admin2.geojson"),
+        "--start", str(start), "--end", str(end), "--n-days", str((end - start).days + 1),
+        "--baseline-start", str(b_start), "--baseline-end", str(b_end),
+        "--min-events", str(c.min_events), "--max-mean", str(c.max_mean_events_per_day),
+        "--max-day", str(c.max_events_single_day), "--home-min-days", str(c.home_min_days),
+        "--out", str(work / "reference_out"), "--spark-out", str(out),
+    ]
+    if c.home_night_hours != (19, 7) or c.daily_location_rule != "last" or c.hours is not None \
+            or c.spatial_unit != "admin2":
+        raise SystemExit("bench cdr: the reference implements the default rules only")
+    ref = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1])
+    print(f"bench cdr: DuckDB reference {ref['reference_seconds']:.1f} s; differences {ref['differences']}",
+          file=sys.stderr)
+    result = {
+        "events": events,
+        "subscribers": n_subs,
+        "days": a.days,
+        "spark_seconds": round(spark_seconds, 2),
+        "reference_seconds": ref["reference_seconds"],
+        "ratio": round(spark_seconds / ref["reference_seconds"], 2),
+        "events_per_second": round(events / spark_seconds),
+        "identical": all(v == 0 for v in ref["differences"].values()) and ref["rows"]["daily_locations"] > 0,
+        "rows": ref["rows"],
+        "differences": ref["differences"],
+        "driver_jvm_peak_rss_mb": jvm_peak,
+        "driver_python_peak_rss_mb": round(python_peak, 1),
+        "driver_memory_setting": a.driver_memory,
+        "reference_peak_rss_mb": ref["reference_peak_rss_mb"],
+        "generate_seconds": round(generate_seconds, 2),
+        "cores": os.cpu_count(),
+    }
+    print(json.dumps(result))
+    return 0 if result["identical"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
