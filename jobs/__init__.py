@@ -17,7 +17,15 @@ JOBS: dict[str, tuple[str, str]] = {
     ),
     "cdr.mobility": (
         "jobs.cdr.mobility",
-        "bronze.cdr_events -> silver daily locations -> gold presence",
+        "bronze.cdr_events -> daily/home locations -> presence, OD flows, displacement (gold)",
+    ),
+    "release": (
+        "jobs.release",
+        "Guard a gold table and export it: exports.<type>, files + manifest, audit.releases",
+    ),
+    "audit": (
+        "jobs.audit",
+        "Review releases: audit list | verify <release-id> | report <release-id>",
     ),
     "tables": (
         "jobs.tables",

@@ -161,6 +161,17 @@ class CdrSettings(_Section):
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
 
 
+class PrivacySettings(_Section):
+    """Where the disclosure-control policy lives and which of its profiles applies."""
+
+    policy_path: str = "conf/privacy.yaml"  # relative to the project root
+    profile: str = "default"
+
+    def resolved_policy_path(self) -> Path:
+        p = Path(self.policy_path)
+        return p if p.is_absolute() else PROJECT_ROOT / p
+
+
 class DemoSettings(_Section):
     """Synthetic data with a planted truth (jobs/demo)."""
 
@@ -184,6 +195,7 @@ class Config(_Section):
     period: PeriodSettings = Field(default_factory=PeriodSettings)
     pseudonym: PseudonymSettings = Field(default_factory=PseudonymSettings)
     cdr: CdrSettings = Field(default_factory=CdrSettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     demo: DemoSettings = Field(default_factory=DemoSettings)
 
     def check_lakehouse_writable(self) -> None:

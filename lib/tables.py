@@ -85,10 +85,11 @@ class TableSpec:
 _REGISTRY: dict[str, TableSpec] = {}
 
 
-def register(spec: TableSpec) -> TableSpec:
-    """Add a table to the registry (the same spec twice is fine; a different one is an error)."""
+def register(spec: TableSpec, *, replace: bool = False) -> TableSpec:
+    """Add a table to the registry (the same spec twice is fine; a different one is an error
+    unless ``replace``: export tables are declared from the policy at run time)."""
     existing = _REGISTRY.get(spec.name)
-    if existing is not None and existing != spec:
+    if existing is not None and existing != spec and not replace:
         raise TableError(f"table {spec.name} is registered twice with different specs")
     _REGISTRY[spec.name] = spec
     return spec

@@ -8,6 +8,7 @@ are and how the result compares with the planted truth.
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -92,5 +93,31 @@ def run(spark: SparkSession, cfg: Config) -> None:
         f"in week 0 (planted: {n_displaced / truth['residents_affected_region']:.1%})",
         "  list all tables  : ./spark-submit.sh tables",
     ]
+    lines += releases(spark, run_cfg, lake)
     print("\n".join(lines))
     log.info("demo: done")
+
+
+def releases(spark: SparkSession, cfg: Config, lake: Lakehouse) -> list[str]:
+    """Release the CDR outputs through the guard, verify each from its files, write reviewer reports."""
+    from jobs import audit, release
+
+    out = ["  releases (guarded; ./spark-submit.sh audit list):"]
+    reports = Path(cfg.lakehouse.reports_dir)
+    reports = reports if reports.is_absolute() else PROJECT_ROOT / reports
+    reports.mkdir(parents=True, exist_ok=True)
+    for rtype in ("cdr_presence", "cdr_od", "cdr_displacement"):
+        with stage(f"demo.release {rtype}"):
+            r = release.release(spark, cfg, rtype, requester="demo")
+            row = audit.audit_row(lake, r["release_id"])
+            results = audit.verify_files(Path(r["path"]), json.loads(row["files_json"]) if row else None)
+            ok = all(passed for _, passed, _ in results) and row is not None
+            page = reports / f"{r['release_id']}.html"
+            page.write_text(audit.report_html(r["release_id"], Path(r["path"]), row, results), encoding="utf-8")
+        t = r["counts"]
+        out.append(
+            f"    {r['release_id']:<44} cells {t['cells_in']:>5,}  withheld {t['withheld_primary']:>4,} primary + "
+            f"{t['withheld_complementary']:>4,} complementary  verify: {'PASSED' if ok else 'FAILED'}"
+        )
+        out.append(f"      files: {r['path']}  report: {page}")
+    return out

@@ -1,0 +1,55 @@
+"""Quick-look plots of CDR releases (presence, OD, displacement), from guarded cells only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from lib.privacy.policy import ReleaseType  # noqa: E402
+
+
+def draw(release_type: str, rt: ReleaseType, cells: pd.DataFrame, path: Path) -> str:
+    n = rt.count_column
+    released = cells[cells["status"] == "released"]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    if release_type == "cdr_presence":
+        top = released.groupby("unit")[n].sum().nlargest(8).index
+        for unit in top:
+            s = released[released["unit"] == unit].sort_values("date")
+            ax.plot(pd.to_datetime(s["date"]), s[n], label=unit)
+        ax.set_ylabel("subscribers present (released cells)")
+        ax.legend(fontsize=7, ncol=2)
+        caption = "Daily presence in the 8 largest units (withheld days are gaps)"
+    else:
+        last_key = tuple(cells.iloc[-1][rt.slice_by]) if rt.slice_by else ()
+        part = cells
+        for c, v in zip(rt.slice_by, last_key, strict=True):
+            part = part[part[c] == v]
+        units = sorted(set(part["origin"]) | set(part["destination"]))
+        idx = {u: i for i, u in enumerate(units)}
+        grid = np.full((len(units), len(units)), np.nan)
+        for r in part.itertuples(index=False):
+            value = getattr(r, n)
+            grid[idx[r.origin], idx[r.destination]] = -1 if pd.isna(value) else value
+        shown = np.ma.masked_where(~np.isfinite(grid) | (grid < 0), grid)
+        im = ax.imshow(shown, cmap="viridis")
+        wy, wx = np.where(grid < 0)
+        ax.scatter(wx, wy, marker="x", color="red", s=12, label="withheld")
+        ax.set_xticks(range(len(units)), units, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(units)), units, fontsize=6)
+        ax.set_xlabel("destination")
+        ax.set_ylabel("origin")
+        fig.colorbar(im, ax=ax, label=n)
+        ax.legend(fontsize=7, loc="upper right")
+        caption = f"{release_type} matrix for {dict(zip(rt.slice_by, map(str, last_key), strict=True))} (x = withheld)"
+    ax.set_title(caption, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return caption

@@ -1,0 +1,364 @@
+"""Release: the only way data leaves the platform. Guard a gold table, export it, record it.
+
+    ./spark-submit.sh release <type> [--period START:END] [--requester NAME] [--override-reason TEXT]
+
+Reads the release type's source table (conf/privacy.yaml), for the period when
+given, and runs the guard on every slice (primary and complementary suppression,
+attacker check, optional noise and rounding). Writes:
+
+- ``exports.<type>`` and ``exports.<type>_margins`` (append; a Delta CHECK
+  constraint rejects any released count at or below the threshold), with the
+  policy hash in the table properties;
+- partner files under ``<exports_dir>/<release-id>/``: cells and margins as CSV
+  and Parquet, ``manifest.json`` (data dictionary, policy, source versions,
+  counts, checksums, how to cite) and the owning pipeline's quick-look plot;
+- one row in the append-only ``audit.releases``; for noised releases one row per
+  release in ``audit.privacy_budget`` (a release past the budget is refused).
+
+The release id derives from the inputs and the policy, so the same inputs and
+policy give the same rows (and the same id).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import hashlib
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from lib.config import PROJECT_ROOT, Config
+from lib.privacy import guard
+from lib.privacy.policy import PolicyError, ReleaseType, effective, load_policy, policy_hash, snapshot
+from lib.runtime import log, stage
+from lib.tables import Lakehouse, TableError, TableSpec, register, spec
+
+DESCRIPTION = "Guard a gold table and export it: exports.<type>, files + manifest, audit.releases"
+CITATION = ("{title}. migralake release {release_id} ({created}). Aggregated with disclosure control "
+            "(threshold {threshold}, policy {hash12}). Source: {source} version {version}.")
+
+# ----------------------------------------------------------------------------- audit tables
+
+RELEASES = register(TableSpec(
+    name="audit.releases",
+    schema=T.StructType([
+        T.StructField("release_id", T.StringType(), False),
+        T.StructField("created_at", T.TimestampType(), False),
+        T.StructField("requester", T.StringType(), False),
+        T.StructField("release_type", T.StringType(), False),
+        T.StructField("policy_json", T.StringType(), False),
+        T.StructField("policy_hash", T.StringType(), False),
+        T.StructField("override_reason", T.StringType(), True),
+        T.StructField("overridden", T.StringType(), True),
+        T.StructField("sources_json", T.StringType(), False),
+        T.StructField("period_start", T.DateType(), True),
+        T.StructField("period_end", T.DateType(), True),
+        T.StructField("counts_json", T.StringType(), False),
+        T.StructField("files_json", T.StringType(), False),
+        T.StructField("exports_path", T.StringType(), False),
+    ]),
+    description="One row per release: who, when, policy snapshot and hash, source versions, counts, file checksums.",
+    source="privacy",
+    owner_job="release",
+    keys=("release_id",),
+    append_only=True,
+    constraints={"hash_is_sha256": "policy_hash RLIKE '^[0-9a-f]{64}$'",
+                 "override_has_reason": "overridden IS NULL OR length(trim(override_reason)) > 0"},
+))
+
+BUDGET = register(TableSpec(
+    name="audit.privacy_budget",
+    schema=T.StructType([
+        T.StructField("dataset", T.StringType(), False),
+        T.StructField("release_id", T.StringType(), False),
+        T.StructField("created_at", T.TimestampType(), False),
+        T.StructField("epsilon", T.DoubleType(), False),
+        T.StructField("delta", T.DoubleType(), False),
+    ]),
+    description="Privacy-budget ledger: epsilon (and delta) spent by each noised release, per dataset.",
+    source="privacy",
+    owner_job="release",
+    append_only=True,
+    constraints={"epsilon_positive": "epsilon > 0"},
+))
+
+
+class ReleaseError(RuntimeError):
+    """A release that cannot be made; the message says why (nothing was exported)."""
+
+
+def export_specs(release_type: str, rt: ReleaseType, source_schema: T.StructType,
+                 table_threshold: int) -> tuple[TableSpec, TableSpec]:
+    """exports.<type> (cells) and exports.<type>_margins, with a CHECK constraint at ``table_threshold``:
+    the lowest threshold any profile of the policy allows for the type, so every release passes it
+    and no direct write at or below it can."""
+    by_name = {f.name: f.dataType for f in source_schema.fields}
+    cols = [*rt.slice_by, *rt.cells]
+    missing = [c for c in cols + [rt.count_column] if c not in by_name]
+    if missing:
+        raise ReleaseError(f"release type {release_type}: source {rt.source} has no columns {missing}")
+    n, t = rt.count_column, table_threshold
+    parent_cols = list(dict.fromkeys(c for m in rt.margins for c in m if c not in rt.cells))
+    check = {
+        "released_above_threshold": f"(status = 'released' AND {n} > {t}) OR (status <> 'released' AND {n} IS NULL)",
+        "status_known": "status IN ('released', 'primary', 'complementary', 'noise')",
+    }
+    head = [T.StructField("release_id", T.StringType(), False)]
+    slice_fields = [T.StructField(c, by_name[c], True) for c in rt.slice_by]
+    tail = [T.StructField(n, T.LongType(), True), T.StructField("status", T.StringType(), False)]
+    cells = TableSpec(
+        name=f"exports.{release_type}",
+        schema=T.StructType(head + slice_fields + [T.StructField(c, by_name[c], True) for c in rt.cells]
+                            + [T.StructField(c, T.StringType(), True) for c in parent_cols] + tail),
+        description=f"Released {release_type} cells (withheld cells listed with status, count null).",
+        source=rt.owner, owner_job="release", partition_by=("release_id",), constraints=check,
+    )
+    margins = TableSpec(
+        name=f"exports.{release_type}_margins",
+        schema=T.StructType(head + slice_fields + [T.StructField("margin", T.StringType(), False),
+                                                   T.StructField("key", T.StringType(), False)] + tail),
+        description=f"Margins published with {release_type}: sums of the exact cell counts, guarded alike.",
+        source=rt.owner, owner_job="release", partition_by=("release_id",), constraints=check,
+    )
+    return register(cells, replace=True), register(margins, replace=True)
+
+
+def sync_constraints(lake: Lakehouse, name: str) -> None:
+    """Make the table's CHECK constraints those of its spec (the threshold may have changed)."""
+    s = spec(name)
+    lake.ensure(name)
+    props = lake.properties(name)
+    loc = lake.location(name)
+    for cname, expr in s.constraints.items():
+        current = props.get(f"delta.constraints.{cname.lower()}")
+        if current is not None and current.replace(" ", "") != expr.replace(" ", ""):
+            lake.spark.sql(f"ALTER TABLE delta.`{loc}` DROP CONSTRAINT {cname}")
+            try:
+                lake.spark.sql(f"ALTER TABLE delta.`{loc}` ADD CONSTRAINT {cname} CHECK ({expr})")
+            except Exception as exc:  # noqa: BLE001 - existing rows violate the new rule
+                lake.spark.sql(f"ALTER TABLE delta.`{loc}` ADD CONSTRAINT {cname} CHECK ({current})")
+                raise ReleaseError(
+                    f"{name}: earlier releases violate the new rule '{expr}' (threshold raised?): {exc}"
+                ) from None
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def parents(lake: Lakehouse, rt: ReleaseType, frame: pd.DataFrame) -> pd.DataFrame:
+    """Add the parent columns named by the hierarchy (CDR: admin1 of each admin2 unit)."""
+    for child, parent in rt.hierarchy.items():
+        if rt.owner != "cdr":
+            raise ReleaseError(f"hierarchy {child} -> {parent}: only CDR units have a parent lookup")
+        cells = lake.read("silver.cdr_cells").select("admin2", "admin1").distinct().toPandas()
+        lookup = dict(zip(cells["admin2"], cells["admin1"], strict=True))
+        frame[parent] = frame[child].map(lookup)
+        missing = frame.loc[frame[parent].isna(), child].unique()
+        if len(missing):
+            raise ReleaseError(f"hierarchy {child} -> {parent}: no parent for {list(missing)[:5]} "
+                               "(spatial unit is not admin2?)")
+    return frame
+
+
+def run_guard(frame: pd.DataFrame, rt: ReleaseType, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Guard every slice; cells and margins with the slice columns, and summed counts."""
+    extra = list(dict.fromkeys(c for m in rt.margins for c in m if c not in rt.cells))
+    dims = [*rt.cells, *extra]
+    cells_out, margins_out = [], []
+    totals: dict[str, int] = {}
+    per_slice = []
+    groups = [((), frame)] if not rt.slice_by else frame.groupby(rt.slice_by, sort=True, dropna=False)
+    for key, part in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        noise = rt.noise.model_dump() if rt.noise else None
+        p = guard.protect(part[dims + [rt.count_column]].reset_index(drop=True), dims, rt.count_column,
+                          rt.suppress_at_or_below, rt.margins, rounding_base=rt.rounding_base, noise=noise,
+                          seed=guard.seed_for(seed, *key))
+        for col, val in zip(rt.slice_by, key, strict=True):
+            p.cells.insert(0, col, val)
+            p.margins.insert(0, col, val)
+        cells_out.append(p.cells)
+        margins_out.append(p.margins)
+        for k, v in p.counts.items():
+            totals[k] = totals.get(k, 0) + v
+        per_slice.append({**dict(zip(rt.slice_by, map(str, key), strict=True)), **p.counts})
+    totals["slices"] = len(per_slice)
+    cells = pd.concat(cells_out, ignore_index=True) if cells_out else pd.DataFrame()
+    margins = pd.concat(margins_out, ignore_index=True) if margins_out else pd.DataFrame()
+    return cells, margins, {"totals": totals, "per_slice": per_slice}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_dictionary(rt: ReleaseType, source_desc: str) -> dict[str, str]:
+    d = {c: f"slice: one protected table per value ({c})" for c in rt.slice_by}
+    d.update({c: "cell dimension" for c in rt.cells})
+    d[rt.count_column] = (f"distinct contributors; null when withheld. Released only above "
+                          f"{rt.suppress_at_or_below}" + (f", rounded to {rt.rounding_base}" if rt.rounding_base else "")
+                          + (f", with {rt.noise.mechanism} noise (epsilon {rt.noise.epsilon})" if rt.noise else ""))
+    d["status"] = ("released; primary (count at or below the threshold); complementary (withheld so that primary "
+                   "cells cannot be recovered from the margins); noise (at or below the threshold after noise)")
+    d["margin"] = "margins file: the grouping columns of the margin ('total' for the grand total)"
+    d["key"] = "margins file: the values of the grouping columns, joined by '|'"
+    d["source"] = source_desc
+    return d
+
+
+# ----------------------------------------------------------------------------- job
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("release_type", help="a release type of conf/privacy.yaml, e.g. cdr_od")
+    parser.add_argument("--requester", default=None, help="who asks for the release (default: the OS user)")
+    parser.add_argument("--override-reason", default=None,
+                        help="written reason to release under a policy without approval or below the floor")
+
+
+def release(spark: SparkSession, cfg: Config, release_type: str, requester: str | None = None,
+            override_reason: str | None = None) -> dict[str, Any]:
+    policy_path = cfg.privacy.resolved_policy_path()
+    policy = load_policy(policy_path)
+    rt, overridden = effective(policy, release_type, cfg.privacy.profile, override_reason)
+    if overridden:
+        log.warning("release %s: policy problems overridden (%s): %s", release_type, override_reason,
+                    "; ".join(overridden))
+    snap = snapshot(policy, release_type, rt, cfg.privacy.profile)
+    phash = policy_hash(snap)
+    lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
+    try:
+        src_spec = spec(rt.source)
+    except TableError as exc:
+        raise ReleaseError(f"release type {release_type}: {exc}") from None
+    if not lake.exists(rt.source):
+        raise ReleaseError(f"release type {release_type}: source {rt.source} does not exist yet; run "
+                           f"{src_spec.owner_job} first")
+    version = lake.version(rt.source)
+    df = lake.read(rt.source, version=version)
+    start, end = cfg.period.start, cfg.period.end
+    if start and end and src_spec.period_column:
+        df = df.filter(F.col(src_spec.period_column).between(F.lit(start), F.lit(end)))
+    lowest = min(effective(policy, release_type, p, override_reason or "threshold of the export table")[0]
+                 .suppress_at_or_below for p in policy.profiles)
+    cells_spec, margins_spec = export_specs(release_type, rt, src_spec.schema, min(lowest, rt.suppress_at_or_below))
+    frame = df.select(*dict.fromkeys([*rt.slice_by, *rt.cells, rt.count_column])).toPandas()
+    if frame.empty:
+        raise ReleaseError(f"release {release_type}: {rt.source} has no rows for the period {start}..{end}")
+    frame = parents(lake, rt, frame)
+    content = hashlib.sha256(pd.util.hash_pandas_object(
+        frame.sort_values(list(frame.columns)).reset_index(drop=True), index=False).to_numpy().tobytes()).hexdigest()
+    release_id = f"{release_type}-{phash[:8]}-{content[:12]}"
+    created = datetime.now(UTC).replace(microsecond=0)
+
+    with stage(f"release.guard {release_type}") as st:
+        st.rows_in = len(frame)
+        cells, margins, counts = run_guard(frame, rt, seed=guard.seed_for(phash, content))
+        st.rows_out = int((cells["status"] == guard.RELEASED).sum())
+        st.notes.update({k: v for k, v in counts["totals"].items() if k.startswith("withheld")})
+
+    # Every withheld cell must pass the attacker check (the guard guarantees it; verify re-derives it).
+    if rt.noise:
+        dataset = rt.source
+        spent = 0.0
+        if lake.exists("audit.privacy_budget"):
+            row = lake.read("audit.privacy_budget").filter(
+                (F.col("dataset") == dataset) & (F.col("release_id") != release_id)
+            ).agg(F.sum("epsilon").alias("e")).first()
+            spent = float(row["e"] or 0.0)
+        if spent + rt.noise.epsilon > policy.budget.epsilon + 1e-12:
+            raise ReleaseError(
+                f"release {release_type}: privacy budget of {dataset} exceeded: spent epsilon {spent:g} + "
+                f"{rt.noise.epsilon:g} > budget {policy.budget.epsilon:g}. Refused."
+            )
+    existing = lake.exists("audit.releases") and lake.read("audit.releases").filter(
+        F.col("release_id") == release_id).count() > 0
+    out_dir = Path(cfg.lakehouse.exports_dir)
+    out_dir = (out_dir if out_dir.is_absolute() else PROJECT_ROOT / out_dir) / release_id
+    if existing:
+        log.info("release %s: already released with the same inputs and policy (%s)", release_type, release_id)
+        return {"release_id": release_id, "path": str(out_dir), "counts": counts["totals"], "new": False}
+
+    # Files first (in a temporary folder), then tables, then the audit row: a failure leaves no audit row.
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cells.to_csv(tmp / "cells.csv", index=False)
+    cells.to_parquet(tmp / "cells.parquet", index=False)
+    margins.to_csv(tmp / "margins.csv", index=False)
+    margins.to_parquet(tmp / "margins.parquet", index=False)
+    from jobs import quicklook
+
+    plot = quicklook.draw(release_type, rt, cells, tmp / "quicklook.png")
+    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+    manifest = {
+        "release_id": release_id,
+        "created_at": created.isoformat(),
+        "requester": requester or getpass.getuser(),
+        "release_type": release_type,
+        "title": f"{release_type} ({rt.source})",
+        "source": {"table": rt.source, "version": version, "period": [str(start), str(end)] if start else None},
+        "policy": snap,
+        "policy_hash": phash,
+        "override": {"reason": override_reason, "problems": overridden} if overridden else None,
+        "dimensions": {"slice_by": rt.slice_by, "cells": rt.cells, "margins": rt.margins,
+                       "count_column": rt.count_column},
+        "data_dictionary": data_dictionary(rt, src_spec.description),
+        "counts": counts["totals"],
+        "files": files,
+        "quicklook": plot,
+        "how_to_cite": CITATION.format(title=f"{release_type} statistics", release_id=release_id,
+                                       created=created.date().isoformat(), threshold=rt.suppress_at_or_below,
+                                       hash12=phash[:12], source=rt.source, version=version),
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    files["manifest.json"] = sha256_file(tmp / "manifest.json")
+
+    with stage(f"release.export {release_type}") as st:
+        for s_, data in ((cells_spec, cells), (margins_spec, margins)):
+            sync_constraints(lake, s_.name)
+            sdf = spark.createDataFrame(
+                data.assign(release_id=release_id).astype(object).where(data.assign(release_id=release_id).notna(), None)
+                [s_.schema.fieldNames()], schema=s_.schema)
+            lake.write(sdf, s_.name, mode="append")
+            lake.spark.sql(f"ALTER TABLE delta.`{lake.location(s_.name)}` SET TBLPROPERTIES "
+                           f"('migralake.policy_hash' = '{phash}', 'migralake.last_release' = '{release_id}')")
+        st.rows_out = len(cells)
+        if rt.noise:
+            lake.write(spark.createDataFrame([(rt.source, release_id, created.replace(tzinfo=None),
+                                               float(rt.noise.epsilon), float(rt.noise.delta or 0.0))],
+                                             schema=BUDGET.schema), "audit.privacy_budget", mode="append")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+        row = (release_id, created.replace(tzinfo=None), manifest["requester"], release_type,
+               json.dumps(snap, sort_keys=True), phash, override_reason if overridden else None,
+               "; ".join(overridden) if overridden else None,
+               json.dumps({rt.source: version}), start, end, json.dumps(counts, sort_keys=True),
+               json.dumps(files, sort_keys=True), str(out_dir))
+        lake.write(spark.createDataFrame([row], schema=RELEASES.schema), "audit.releases", mode="append")
+    log.info("release %s: %s -> %s (%d cells, %d withheld)", release_type, release_id, out_dir, len(cells),
+             int((cells["status"] != guard.RELEASED).sum()))
+    return {"release_id": release_id, "path": str(out_dir), "counts": counts["totals"], "new": True}
+
+
+def run(spark: SparkSession, cfg: Config, args: argparse.Namespace) -> int:
+    try:
+        out = release(spark, cfg, args.release_type, args.requester, args.override_reason)
+    except (ReleaseError, PolicyError, guard.GuardError) as exc:
+        print(f"migralake: release refused: {exc}")
+        return 4
+    print(json.dumps(out, indent=2, default=str))
+    return 0

@@ -1,0 +1,138 @@
+"""The disclosure-control policy (conf/privacy.yaml): loading, validation, approval, hash.
+
+A policy names, per release type, the source table, the count column of distinct
+contributors, the threshold (``suppress_at_or_below``), the slices and cells of
+the protected tables and the margins published with them, and optional rounding
+and noise. It carries ``approved_by`` / ``approved_on``. :func:`effective`
+refuses a policy without approval or with a threshold below the floor unless an
+override with a written reason is given; the caller records the override.
+
+Reads no tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import date
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lib.privacy.guard import GUARD_VERSION
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be used as it stands; the message names the file, key and reason."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoiseSpec(_Model):
+    mechanism: Literal["laplace", "gaussian"] = "laplace"
+    epsilon: float = Field(gt=0)
+    delta: float | None = Field(None, gt=0, lt=1)
+    sensitivity: float = Field(1.0, gt=0)  # L1 (Laplace) / L2 (Gaussian) contributions of one person
+
+    @model_validator(mode="after")
+    def _delta(self) -> NoiseSpec:
+        if self.mechanism == "gaussian" and self.delta is None:
+            raise ValueError("gaussian noise needs delta")
+        return self
+
+
+class ReleaseType(_Model):
+    source: str
+    count_column: str
+    suppress_at_or_below: int = Field(ge=0)
+    slice_by: list[str] = Field(default_factory=list)
+    cells: list[str]
+    hierarchy: dict[str, str] = Field(default_factory=dict)  # cell column -> parent column
+    margins: list[list[str]] = Field(default_factory=list)
+    rounding_base: int | None = Field(None, ge=2)
+    noise: NoiseSpec | None = None
+    min_h3_resolution_sensitive: int | None = Field(None, ge=0, le=15)
+    owner: str
+
+
+class Budget(_Model):
+    epsilon: float = Field(gt=0)
+    delta: float = Field(0.0, ge=0, lt=1)
+
+
+class Policy(_Model):
+    approved_by: str | None = None
+    approved_on: date | None = None
+    floor: int = Field(10, ge=0)
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"default": {}})
+    budget: Budget = Field(default_factory=lambda: Budget(epsilon=1.0))
+    release_types: dict[str, ReleaseType]
+
+
+def load_policy(path: str | Path) -> Policy:
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise PolicyError(f"{p}: cannot read the privacy policy ({exc})") from None
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{p}: not valid YAML: {exc}") from None
+    try:
+        return Policy.model_validate(raw or {})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        raise PolicyError(f"{p}: {key}: {err['msg']}") from None
+
+
+def effective(policy: Policy, release_type: str, profile: str = "default",
+              override_reason: str | None = None) -> tuple[ReleaseType, list[str]]:
+    """The release type's rules under a profile, and the policy problems overridden (if any).
+
+    Raises PolicyError for an unknown type or profile, and for missing approval or a
+    threshold below the floor unless ``override_reason`` is given.
+    """
+    if release_type not in policy.release_types:
+        raise PolicyError(f"unknown release type '{release_type}' (policy has {sorted(policy.release_types)})")
+    if profile not in policy.profiles:
+        raise PolicyError(f"unknown privacy profile '{profile}' (policy has {sorted(policy.profiles)})")
+    base = policy.release_types[release_type]
+    changes = dict(policy.profiles[profile])
+    unknown = set(changes) - set(ReleaseType.model_fields)
+    if unknown:
+        raise PolicyError(f"profiles.{profile}: unknown keys {sorted(unknown)}")
+    rt = ReleaseType.model_validate({**base.model_dump(), **changes})
+    problems = []
+    if not (policy.approved_by and policy.approved_by.strip()) or policy.approved_on is None:
+        problems.append("the policy has no approval (approved_by and approved_on)")
+    if rt.suppress_at_or_below < policy.floor:
+        problems.append(
+            f"release_types.{release_type}.suppress_at_or_below = {rt.suppress_at_or_below} is below the floor "
+            f"{policy.floor}"
+        )
+    if problems and not (override_reason and override_reason.strip()):
+        raise PolicyError("; ".join(problems) + ". Refused: fix the policy, or give --override-reason with a "
+                          "written justification (it is recorded in audit.releases)")
+    return rt, problems
+
+
+def snapshot(policy: Policy, release_type: str, rt: ReleaseType, profile: str) -> dict[str, Any]:
+    """What a release records of the policy: approval, floor, profile and the effective rules."""
+    return {
+        "approved_by": policy.approved_by,
+        "approved_on": policy.approved_on.isoformat() if policy.approved_on else None,
+        "floor": policy.floor,
+        "profile": profile,
+        "release_type": release_type,
+        "rules": rt.model_dump(mode="json"),
+        "budget": policy.budget.model_dump(mode="json"),
+        "guard_version": GUARD_VERSION,
+    }
+
+
+def policy_hash(snap: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(snap, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
