@@ -6,5 +6,5 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
 "$ROOT/bin/setup"
-"$ROOT/.venv/bin/ruff" check lib jobs tests
+"$ROOT/.venv/bin/ruff" check lib jobs tests bench
 exec "$ROOT/.venv/bin/python" -m pytest "$@"
