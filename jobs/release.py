@@ -196,6 +196,43 @@ def run_guard(frame: pd.DataFrame, rt: ReleaseType, seed: int) -> tuple[pd.DataF
     return cells, margins, {"totals": totals, "per_slice": per_slice}
 
 
+def spatial_files(cfg: Config, rt: ReleaseType, cells: pd.DataFrame, folder: Path) -> str | None:
+    """GeoJSON + GeoParquet of the cells for releases keyed by one spatial unit (admin polygons or H3).
+
+    Each feature is one guarded cell with its unit's polygon; withheld cells keep an
+    empty count and their status. Returns a description, or None for non-spatial types.
+    """
+    if rt.owner != "cdr" or "unit" not in rt.cells or "spatial_unit" not in cells.columns:
+        return None
+    import geopandas as gpd
+    import h3
+    from shapely.geometry import Polygon
+
+    from lib import geo
+
+    levels = set(cells["spatial_unit"].dropna())
+    if len(levels) != 1:
+        return None
+    level = levels.pop()
+    if level.startswith("h3_"):
+        shapes = {u: Polygon([(lng, lat) for lat, lng in h3.cell_to_boundary(u)]) for u in cells["unit"].unique()}
+        polygons = gpd.GeoDataFrame({"unit": list(shapes)}, geometry=list(shapes.values()), crs=4326)
+    elif level in cfg.cdr.admin_paths:
+        polygons = geo.read_boundaries(cfg.cdr.admin_paths[level], level).rename(columns={level: "unit"})
+    else:
+        log.warning("release: no boundaries for spatial unit %s (cdr.admin_paths); no GeoJSON written", level)
+        return None
+    out = polygons.merge(cells, on="unit", how="inner")
+    missing = set(cells["unit"]) - set(out["unit"])
+    if missing:
+        raise ReleaseError(f"release: units {sorted(missing)[:5]} have no polygon in the {level} boundaries")
+    out = gpd.GeoDataFrame(out.astype({c: str for c in out.columns if c not in ("geometry", rt.count_column)}),
+                           geometry="geometry", crs=4326)
+    out.to_file(folder / "cells.geojson", driver="GeoJSON")
+    out.to_parquet(folder / "cells.geoparquet")
+    return f"cells.geojson and cells.geoparquet: one feature per cell with its {level} polygon (EPSG:4326)"
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
@@ -299,6 +336,7 @@ def release(spark: SparkSession, cfg: Config, release_type: str, requester: str 
     cells.to_parquet(tmp / "cells.parquet", index=False)
     margins.to_csv(tmp / "margins.csv", index=False)
     margins.to_parquet(tmp / "margins.parquet", index=False)
+    spatial = spatial_files(cfg, rt, cells, tmp)
     from jobs import quicklook
 
     plot = quicklook.draw(release_type, rt, cells, tmp / "quicklook.png")
@@ -319,6 +357,7 @@ def release(spark: SparkSession, cfg: Config, release_type: str, requester: str 
         "counts": counts["totals"],
         "files": files,
         "quicklook": plot,
+        "spatial_files": spatial,
         "how_to_cite": CITATION.format(title=f"{release_type} statistics", release_id=release_id,
                                        created=created.date().isoformat(), threshold=rt.suppress_at_or_below,
                                        hash12=phash[:12], source=rt.source, version=version),

@@ -157,3 +157,34 @@ def test_budget_ledger_refuses_an_overspend(spark: SparkSession, tmp_path: Path)
     with pytest.raises(release.ReleaseError, match=r"budget of gold.cdr_od_daily exceeded: spent epsilon 3 \+ 3 > budget 5"):
         release.release(spark, config(tmp_path, policy, period=(DAY2, DAY2)), "cdr_od")
     assert lake.read("audit.releases").count() == 1 and lake.read("audit.privacy_budget").count() == 1
+
+
+def test_spatial_release_with_a_two_level_hierarchy_writes_geojson(spark: SparkSession, tmp_path: Path) -> None:
+    import geopandas as gpd
+
+    from jobs.demo import cdr_synth
+
+    (tmp_path / "admin2.geojson").write_text(json.dumps(cdr_synth.admin_geojson("admin2")))
+    cfg = config(tmp_path, period=(DAY1, DAY1))
+    cfg = cfg.model_copy(update={"cdr": cfg.cdr.model_copy(update={"admin_paths": {
+        "admin2": str(tmp_path / "admin2.geojson")}})})
+    lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
+    units = {"R1-D1": 9, "R1-D2": 120, "R1-D3": 80, "R2-D1": 300, "R2-D2": 40}
+    cells = [(f"C{i}", None, 30.0, -1.0, None, None, "87000000fffffff", u[:2], u, "within")
+             for i, u in enumerate(units)]
+    lake.write(spark.createDataFrame(cells, schema=spec("silver.cdr_cells").schema), "silver.cdr_cells",
+               mode="overwrite")
+    lake.write(spark.createDataFrame([(DAY1, "admin2", u, n, None) for u, n in units.items()],
+                                     schema=spec("gold.cdr_presence_daily").schema),
+               "gold.cdr_presence_daily", period=(DAY1, DAY1), scope={"spatial_unit": "admin2"})
+    out = release.release(spark, cfg, "cdr_presence")
+    folder = Path(out["path"])
+    geo = gpd.read_file(folder / "cells.geojson")
+    status = dict(zip(geo["unit"], geo["status"], strict=True))
+    assert status == {"R1-D1": "primary", "R1-D2": "released", "R1-D3": "complementary", "R2-D1": "released",
+                      "R2-D2": "released"}
+    assert geo.crs.to_epsg() == 4326 and geo.geometry.is_valid.all()
+    assert gpd.read_parquet(folder / "cells.geoparquet")["unit"].tolist() == geo["unit"].tolist()
+    margins = pd.read_parquet(folder / "margins.parquet")
+    assert set(margins["margin"]) == {"admin1", "total"}  # region totals and the national total
+    assert verify(spark, cfg, out["release_id"]) == 0
