@@ -161,6 +161,89 @@ class CdrSettings(_Section):
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
 
 
+class MaskSpec(_Section):
+    """Which pixels of a scene's quality band are masked (clouds, shadows, fill)."""
+
+    role: str = "qa"  # the band role holding the quality flags
+    kind: Literal["bits", "classes"] = "bits"  # bits: any listed bit set; classes: value in the list
+    values: list[int] = Field(default_factory=list)
+
+
+class BuiltupThresholds(_Section):
+    """Built-up where NDBI > ndbi_min and NDVI < ndvi_max (not vegetation) and MNDWI < mndwi_max (not water)."""
+
+    ndbi_min: float = Field(0.0, ge=-1, le=1)
+    ndvi_max: float = Field(0.3, ge=-1, le=1)
+    mndwi_max: float = Field(0.0, ge=-1, le=1)
+
+
+class SensorProfile(_Section):
+    """How to read one sensor's scenes: band roles, scaling to reflectance, mask and thresholds.
+
+    ``bands`` maps a role (blue, green, red, nir, swir1, swir2, qa; or builtup for an
+    external built-up layer) to a 1-based band index in a multi-band file; ``band_names``
+    maps a role to the token naming its file when a scene is a folder with one file per band
+    (``..._SR_B4.TIF`` -> B4). Reflectance = DN x scale + offset (the offset matters for
+    normalised differences).
+    """
+
+    bands: dict[str, int] = Field(default_factory=dict)
+    band_names: dict[str, str] = Field(default_factory=dict)
+    scale: float = 1.0
+    offset: float = 0.0
+    nodata: float | None = None  # used when a file declares none
+    mask: MaskSpec | None = None
+    thresholds: BuiltupThresholds = Field(default_factory=BuiltupThresholds)
+    builtup_min: float | None = None  # external built-up layers: built where band 'builtup' >= this
+
+    @model_validator(mode="after")
+    def _roles(self) -> SensorProfile:
+        roles = set(self.bands) | set(self.band_names)
+        spectral = {"blue", "green", "red", "nir", "swir1"}
+        if self.builtup_min is not None:
+            if "builtup" not in roles:
+                raise ValueError("a built-up layer profile (builtup_min) needs a band role 'builtup'")
+        elif not spectral <= roles:
+            raise ValueError(f"missing band roles {sorted(spectral - roles)} (needed for NDBI, NDVI, MNDWI)")
+        if self.mask and self.mask.role not in roles:
+            raise ValueError(f"mask.role '{self.mask.role}' is not one of the band roles {sorted(roles)}")
+        return self
+
+
+class SceneSpec(_Section):
+    """One acquisition: a multi-band GeoTIFF, or a folder with one GeoTIFF per band."""
+
+    path: str
+    date: date
+    sensor: str
+    area: str = "default"  # scenes of one area are compared date to date
+
+
+class RemoteSensingSettings(_Section):
+    """Remote-sensing pipeline settings (jobs/remote_sensing)."""
+
+    scenes: list[SceneSpec] = Field(default_factory=list)
+    scene_dir: str | None = None  # or discover *.tif / band folders here (date from the name: YYYYMMDD)
+    default_sensor: str = "landsat7_etm"  # sensor of discovered scenes
+    sensors: dict[str, SensorProfile] = Field(default_factory=dict)
+    window_size: int = Field(512, ge=16, le=8192)  # pixels per side of one Spark task's window
+    h3_resolution: int = Field(8, ge=0, le=15)
+    admin_paths: dict[str, str] = Field(default_factory=dict)  # level name -> GeoJSON/GPKG path
+    resampling: Literal["nearest", "bilinear", "cubic", "average"] = "bilinear"
+    sensitive_zones_path: str | None = None  # polygons where H3 layers are coarsened (privacy.yaml)
+    rasters_dir: str = "rasters"  # change rasters (COG) and quick-looks, under lakehouse.root
+
+    @model_validator(mode="after")
+    def _known_sensors(self) -> RemoteSensingSettings:
+        for i, scene in enumerate(self.scenes):
+            if scene.sensor not in self.sensors:
+                raise ValueError(f"scenes[{i}] ({scene.path}): unknown sensor '{scene.sensor}' "
+                                 f"(profiles: {sorted(self.sensors)})")
+        if self.scene_dir and self.default_sensor not in self.sensors:
+            raise ValueError(f"default_sensor '{self.default_sensor}' has no profile (profiles: {sorted(self.sensors)})")
+        return self
+
+
 class PrivacySettings(_Section):
     """Where the disclosure-control policy lives and which of its profiles applies."""
 
@@ -184,6 +267,10 @@ class DemoSettings(_Section):
     displaced_share: float = Field(0.3, ge=0, le=1)
     bad_row_share: float = Field(0.01, ge=0, le=0.5)
     input_dir: str = "build/demo-inputs"  # raw synthetic inputs live outside the lakehouse
+    pipelines: list[Literal["cdr", "remote_sensing"]] = Field(
+        default_factory=lambda: ["cdr", "remote_sensing"])  # which pipelines the demo runs
+    raster_scene: str | None = "../shared/data/rasters/L7_ETMs.tif"  # first date when present
+    raster_synthetic_size: int = Field(600, ge=64, le=100_000)  # px per side without the real scene
 
 
 class Config(_Section):
@@ -195,6 +282,7 @@ class Config(_Section):
     period: PeriodSettings = Field(default_factory=PeriodSettings)
     pseudonym: PseudonymSettings = Field(default_factory=PseudonymSettings)
     cdr: CdrSettings = Field(default_factory=CdrSettings)
+    remote_sensing: RemoteSensingSettings = Field(default_factory=RemoteSensingSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     demo: DemoSettings = Field(default_factory=DemoSettings)
 

@@ -646,3 +646,93 @@ CDR_DISPLACEMENT_SHARE = _reg(
                  "away_within_observed": "n_away <= n_subscribers",
                  "share_range": "share_away BETWEEN 0 AND 1"},
 )
+
+
+# --- Remote sensing: settlement change ------------------------------------------------------
+
+_PAIR = (("area", S, False), ("date_before", D, False), ("date_after", D, False),
+         ("sensor_before", S, False), ("sensor_after", S, False))
+_CHANGE = (
+    ("n_pixels", L, False),
+    ("n_pixels_valid", L, False),
+    ("n_built_before", L, False),
+    ("n_built_after", L, False),
+    ("n_new", L, False),
+    ("n_lost", L, False),
+    ("n_stable", L, False),
+    ("valid_km2", DBL, False),
+    ("built_km2_before", DBL, False),
+    ("built_km2_after", DBL, False),
+    ("new_km2", DBL, False),
+    ("lost_km2", DBL, False),
+    ("change_km2", DBL, False),
+    ("change_pct", DBL, True),
+    ("valid_fraction", DBL, False),
+)
+_CHANGE_NOTE = (" Built-up is counted over pixels valid at both dates (no nodata, no masked cloud); "
+                "change_km2 = built_km2_after - built_km2_before, change_pct relative to before (null when 0).")
+_CHANGE_CHECKS = {
+    "valid_within_total": "n_pixels_valid <= n_pixels AND n_pixels > 0",
+    "classes_add_up": "n_built_before = n_stable + n_lost AND n_built_after = n_stable + n_new",
+    "built_within_valid": "n_stable + n_lost + n_new <= n_pixels_valid",
+    "fraction_range": "valid_fraction BETWEEN 0 AND 1",
+    "dates_ordered": "date_after > date_before",
+}
+
+SETTLEMENT_SCENES = _reg(
+    name="silver.settlement_scenes",
+    schema=_fields(
+        ("scene_id", S, False), ("area", S, False), ("date", D, False), ("sensor", S, False), ("path", S, False),
+        ("crs", S, False), ("width", INT, False), ("height", INT, False), ("pixel_size_x", DBL, False),
+        ("pixel_size_y", DBL, False), ("band_files", S, False),
+    ),
+    description="Scene catalogue: every usable scene with its grid and where each band role is read from.",
+    source="remote_sensing", owner_job="remote_sensing.change", keys=("scene_id",),
+)
+
+SETTLEMENT_QUARANTINE = _reg(
+    name="quarantine.settlement_scenes",
+    schema=_fields(
+        ("path", S, False), ("area", S, True), ("date", D, True), ("sensor", S, True),
+        ("stage", S, False), ("reason", S, False),
+    ),
+    description="Scenes that could not be opened or read (corrupt, truncated, missing band, wrong band count), "
+    "with the path, the stage that found it and the reason; the other scenes proceed.",
+    source="remote_sensing", owner_job="remote_sensing.change",
+    constraints={"stage_known": "stage IN ('catalogue', 'tiling')"},
+)
+
+SETTLEMENT_TILES = _reg(
+    name="silver.settlement_tiles",
+    schema=_fields(
+        *_PAIR[:3], ("window_id", S, False), ("row_off", INT, False), ("col_off", INT, False),
+        ("height", INT, False), ("width", INT, False), ("n_pixels", L, False), ("n_pixels_valid", L, False),
+        ("n_outside_admin", L, True), ("valid_fraction", DBL, False), ("worker_peak_rss_mb", DBL, True),
+    ),
+    description="One row per processed window of a scene pair: valid-pixel fraction (quality) and pixels "
+    "outside every admin area.",
+    source="remote_sensing", owner_job="remote_sensing.change",
+    period_column="date_after", scope_columns=("area", "date_before"),
+    constraints={"valid_within_total": "n_pixels_valid <= n_pixels"},
+)
+
+SETTLEMENT_CHANGE_H3 = _reg(
+    name="gold.settlement_change_h3",
+    schema=_fields(*_PAIR, ("h3_resolution", INT, False), ("h3_index", S, False), *_CHANGE),
+    description="Settlement change per H3 cell (pixel centres) between two dates." + _CHANGE_NOTE,
+    source="remote_sensing", owner_job="remote_sensing.change",
+    period_column="date_after", scope_columns=("area", "date_before", "h3_resolution"),
+    keys=("area", "date_before", "date_after", "h3_resolution", "h3_index"),
+    constraints=_CHANGE_CHECKS,
+)
+
+SETTLEMENT_CHANGE_ADMIN = _reg(
+    name="gold.settlement_change_admin",
+    schema=_fields(*_PAIR, ("level", S, False), ("unit", S, False), *_CHANGE),
+    description="Settlement change per admin area (pixel centres inside the polygon) between two dates."
+    + _CHANGE_NOTE,
+    source="remote_sensing", owner_job="remote_sensing.change",
+    period_column="date_after", scope_columns=("area", "date_before", "level"),
+    keys=("area", "date_before", "date_after", "level", "unit"),
+    constraints=_CHANGE_CHECKS,
+)

@@ -1,0 +1,1 @@
+"""Remote-sensing pipeline: multi-date scenes -> built-up masks -> settlement-change layers (gold)."""

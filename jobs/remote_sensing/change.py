@@ -1,0 +1,350 @@
+"""Settlement change: scene pairs -> per-window built-up change on Spark -> gold layers, COG, quick-look.
+
+Reads: scenes from ``remote_sensing.scenes`` / ``remote_sensing.scene_dir`` (GeoTIFFs),
+``remote_sensing.admin_paths`` (small, read on the driver).
+Writes: ``silver.settlement_scenes`` and ``quarantine.settlement_scenes`` (the catalogue,
+whole), and for each pair of consecutive dates of an area ``silver.settlement_tiles``,
+``gold.settlement_change_h3`` and ``gold.settlement_change_admin`` (re-running a pair
+replaces it), plus ``<lakehouse>/<rasters_dir>/settlement_change/<area>/<before>_<after>/``
+``change.tif`` (Cloud-Optimised GeoTIFF, classes 0 invalid, 1 not built, 2 stable,
+3 new, 4 lost) and ``quicklook.png``.
+
+How it scales: the driver lists scenes and windows (a fixed grid per pair on the
+first date's grid); each Spark task receives (scene paths, window), opens the files
+itself, aligns the second date onto the grid (reprojection and resampling when CRS,
+resolution or extent differ), and returns sums per H3 cell and admin area. Pixel
+arrays never pass through the driver; a task holds arrays of one window only. A
+window that cannot be read quarantines its scene and leaves that pair out of gold.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+from rasterio.windows import Window
+
+from jobs.remote_sensing import pixels
+from jobs.remote_sensing.catalogue import Rejected, catalogue, pair_id, pairs
+from jobs.remote_sensing.pixels import Grid, Scene
+from lib.config import PROJECT_ROOT, Config, RemoteSensingSettings
+from lib.runtime import log, stage
+from lib.tables import Lakehouse, spec
+
+DESCRIPTION = "Satellite scenes (two or more dates) -> built-up change per H3 cell and admin area (gold) + COG"
+
+PART_SCHEMA = T.StructType([
+    T.StructField("kind", T.StringType(), False),  # h3 | admin | tile | error
+    T.StructField("pair_id", T.StringType(), False),
+    T.StructField("level", T.StringType(), True),
+    T.StructField("unit", T.StringType(), True),
+    T.StructField("window_id", T.StringType(), True),
+    *[T.StructField(c, T.LongType(), True) for c in pixels.SUM_COLUMNS if c.startswith("n_")],
+    *[T.StructField(c, T.DoubleType(), True) for c in pixels.SUM_COLUMNS if c.startswith("km2_")],
+    T.StructField("n_outside_admin", T.LongType(), True),
+    T.StructField("peak_rss_mb", T.DoubleType(), True),
+    T.StructField("detail", T.StringType(), True),
+])
+WINDOW_SCHEMA = T.StructType([
+    T.StructField("pair_id", T.StringType(), False),
+    T.StructField("row_off", T.IntegerType(), False),
+    T.StructField("col_off", T.IntegerType(), False),
+    T.StructField("height", T.IntegerType(), False),
+    T.StructField("width", T.IntegerType(), False),
+])
+
+
+class RemoteSensingError(RuntimeError):
+    """The pipeline cannot run as configured; the message says why."""
+
+
+# ----------------------------------------------------------------------------- one window (pure)
+
+
+def scene_from_json(text: str) -> Scene:
+    d = json.loads(text)
+    d["grid"] = Grid(**{**d["grid"], "transform": tuple(d["grid"]["transform"])})
+    d["files"] = {k: tuple(v) for k, v in d["files"].items()}
+    d["thresholds"] = tuple(d["thresholds"])
+    d["mask_values"] = tuple(d["mask_values"])
+    return Scene(**d)
+
+
+def window_id(window: Window) -> str:
+    return f"r{int(window.row_off)}_c{int(window.col_off)}"
+
+
+def process_window(before: Scene, after: Scene, window: Window, h3_resolution: int, resampling: str,
+                   admin: list[tuple[str, list[str], list[Any]]], staging: str | None) -> pd.DataFrame:
+    """Sums of one window of a pair, per H3 cell and admin area, plus one quality row ('tile').
+
+    The pair's grid is the first date's grid; the second date is aligned onto it. When
+    ``staging`` is given the window's change classes are written there as a GeoTIFF.
+    """
+    grid = before.grid
+    b0, v0 = pixels.builtup(before, grid, window, resampling)
+    b1, v1 = pixels.builtup(after, grid, window, resampling)
+    classes = pixels.change_classes(b0, v0, b1, v1)
+    lon, lat = pixels.pixel_centres(grid, window)
+    area = pixels.pixel_area_km2(grid, window, lat)
+    pid, wid = pair_id(before, after), window_id(window)
+    frames = []
+    sums = pixels.unit_sums(pixels.h3_index(lon, lat, h3_resolution), classes, area)
+    import h3
+
+    frames.append(pd.DataFrame({"kind": "h3", "level": f"h3_{h3_resolution}",
+                                "unit": [h3.int_to_str(int(k)) for k in sums.pop("key")], **sums}))
+    outside = None
+    for level, ids, geoms in admin:
+        idx = pixels.admin_index(lon, lat, geoms)
+        inside = idx >= 0
+        outside = int((~inside).sum()) if outside is None else max(outside, int((~inside).sum()))
+        if inside.any():
+            s = pixels.unit_sums(idx[inside], classes[inside], area[inside])
+            frames.append(pd.DataFrame({"kind": "admin", "level": level,
+                                        "unit": [ids[int(k)] for k in s.pop("key")], **s}))
+    tile = pixels.unit_sums(np.zeros(classes.shape, dtype=np.int64), classes, area)
+    tile.pop("key")
+    frames.append(pd.DataFrame({"kind": "tile", **tile, "n_outside_admin": [outside],
+                                "detail": json.dumps({"row_off": int(window.row_off), "col_off": int(window.col_off),
+                                                      "height": int(window.height), "width": int(window.width)})}))
+    if staging:
+        write_window(Path(staging) / pid / f"{wid}.tif", classes, grid, window)
+    out = pd.concat(frames, ignore_index=True)
+    out["pair_id"], out["window_id"] = pid, wid
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return out
+
+
+def write_window(path: Path, classes: np.ndarray, grid: Grid, window: Window) -> None:
+    import rasterio
+    from rasterio.windows import transform as window_transform
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", driver="GTiff", width=classes.shape[1], height=classes.shape[0], count=1,
+                       dtype="uint8", crs=grid.crs_wkt, transform=window_transform(window, grid.affine()),
+                       compress="deflate") as dst:
+        dst.write(classes, 1)
+
+
+def _window_parts(pair_scenes: dict[str, tuple[str, str]], h3_resolution: int, resampling: str,
+                  admin_wkb: list[tuple[str, list[str], list[bytes]]], staging: str | None):  # type: ignore[no-untyped-def]
+    """The mapInPandas function: scenes are parsed and admin polygons loaded once per Python worker."""
+    cache: dict[str, Any] = {}
+
+    def run_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        import shapely
+
+        if "admin" not in cache:
+            cache["admin"] = [(lvl, ids, list(shapely.from_wkb(wkb))) for lvl, ids, wkb in admin_wkb]
+        for batch in batches:
+            for row in batch.itertuples(index=False):
+                before, after = cache.setdefault(row.pair_id, tuple(map(scene_from_json, pair_scenes[row.pair_id])))
+                window = Window(row.col_off, row.row_off, row.width, row.height)
+                try:
+                    out = process_window(before, after, window, h3_resolution, resampling, cache["admin"], staging)
+                except pixels.SceneReadError as exc:
+                    out = pd.DataFrame({"kind": ["error"], "pair_id": [row.pair_id],
+                                        "window_id": [window_id(window)], "detail": [str(exc)]})
+                yield out.reindex(columns=PART_SCHEMA.fieldNames())
+
+    return run_batches
+
+
+# ----------------------------------------------------------------------------- Spark
+
+
+def load_admin(settings: RemoteSensingSettings) -> list[tuple[str, list[str], list[bytes]]]:
+    from lib import geo
+
+    out = []
+    for level, path in settings.admin_paths.items():
+        p = Path(path)
+        gdf = geo.read_boundaries(p if p.is_absolute() else PROJECT_ROOT / p, level)
+        out.append((level, [str(v) for v in gdf[level]], [g.wkb for g in gdf.geometry]))
+    return out
+
+
+def compute(spark: SparkSession, scene_pairs: list[tuple[Scene, Scene]], settings: RemoteSensingSettings,
+            admin: list[tuple[str, list[str], list[bytes]]], staging: str | None) -> DataFrame:
+    """Per-window parts of every pair (kinds h3, admin, tile, error), computed on the executors."""
+    pair_scenes = {pair_id(b, a): (json.dumps(asdict(b)), json.dumps(asdict(a))) for b, a in scene_pairs}
+    rows = [(pair_id(b, a), int(w.row_off), int(w.col_off), int(w.height), int(w.width))
+            for b, a in scene_pairs for w in pixels.windows(b.grid, settings.window_size)]
+    slices = max(1, min(len(rows), 20_000))
+    windows_df = spark.createDataFrame(spark.sparkContext.parallelize(rows, slices), WINDOW_SCHEMA)
+    fn = _window_parts(pair_scenes, settings.h3_resolution, settings.resampling, admin, staging)
+    return windows_df.mapInPandas(fn, PART_SCHEMA)
+
+
+def _measures(df: DataFrame) -> DataFrame:
+    """Gold measures from summed parts."""
+    before = F.col("km2_stable") + F.col("km2_lost")
+    after = F.col("km2_stable") + F.col("km2_new")
+    return df.select(
+        "*",
+        (F.col("n_stable") + F.col("n_lost")).alias("n_built_before"),
+        (F.col("n_stable") + F.col("n_new")).alias("n_built_after"),
+        F.col("km2_valid").alias("valid_km2"),
+        before.alias("built_km2_before"),
+        after.alias("built_km2_after"),
+        F.col("km2_new").alias("new_km2"),
+        F.col("km2_lost").alias("lost_km2"),
+        (after - before).alias("change_km2"),
+        F.when(before > 0, (after - before) / before * 100.0).alias("change_pct"),
+        (F.col("n_pixels_valid") / F.col("n_pixels")).alias("valid_fraction"),
+    )
+
+
+def summarise(parts: DataFrame, pair_meta: DataFrame, kind: str) -> DataFrame:
+    """Sum the window parts of one kind per pair and unit; add the pair's dates and the measures."""
+    sums = [F.sum(c).alias(c) for c in pixels.SUM_COLUMNS]
+    agg = parts.filter(F.col("kind") == kind).groupBy("pair_id", "level", "unit").agg(*sums)
+    return _measures(agg.join(pair_meta, on="pair_id", how="inner"))
+
+
+def rasters_root(cfg: Config) -> Path:
+    p = Path(cfg.remote_sensing.rasters_dir)
+    if p.is_absolute():
+        return p
+    if not cfg.lakehouse.is_local():
+        raise RemoteSensingError("remote_sensing.rasters_dir must be an absolute shared path when the lakehouse "
+                                 f"is an object store ({cfg.lakehouse.root})")
+    return Path(cfg.lakehouse.resolved_root()) / p
+
+
+def assemble(task: tuple[str, str, str, str]) -> dict[str, Any]:
+    """On an executor: window GeoTIFFs of one pair -> change.tif (COG) and quicklook.png."""
+    import rasterio
+    import rasterio.shutil
+    from rasterio.windows import Window as W
+
+    pid, scene_json, staging, out_dir = task
+    grid = scene_from_json(scene_json).grid
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "change.partial.tif"
+    with rasterio.open(tmp, "w", driver="GTiff", width=grid.width, height=grid.height, count=1, dtype="uint8",
+                       crs=grid.crs_wkt, transform=grid.affine(), tiled=True, blockxsize=256, blockysize=256,
+                       compress="deflate", nodata=pixels.INVALID) as dst:
+        for f in sorted((Path(staging) / pid).glob("*.tif")):
+            with rasterio.open(f) as src:
+                r, c = f.stem.split("_")
+                dst.write(src.read(1), 1, window=W(int(c[1:]), int(r[1:]), src.width, src.height))
+        dst.write_colormap(1, {0: (0, 0, 0, 0), 1: (230, 230, 230, 255), 2: (120, 120, 120, 255),
+                               3: (220, 30, 30, 255), 4: (30, 90, 220, 255)})
+        dst.update_tags(1, **{f"class_{k}": v for k, v in pixels.CLASS_NAMES.items()})
+    cog = out / "change.tif"
+    rasterio.shutil.copy(tmp, cog, driver="COG", compress="DEFLATE", overview_resampling="nearest")
+    tmp.unlink()
+    shutil.rmtree(Path(staging) / pid, ignore_errors=True)
+    from jobs.remote_sensing import quicklook
+
+    quicklook.change_map(cog, out / "quicklook.png", title=pid)
+    return {"pair_id": pid, "cog": str(cog), "quicklook": str(out / "quicklook.png")}
+
+
+def _scene_row(s: Scene) -> tuple:
+    return (s.scene_id, s.area, date.fromisoformat(s.date), s.sensor, s.path, s.grid.crs_wkt, s.grid.width,
+            s.grid.height, abs(s.grid.transform[0]), abs(s.grid.transform[4]), json.dumps(s.files, sort_keys=True))
+
+
+def _quarantine_row(r: Rejected, stage_name: str) -> tuple:
+    return (r.path, r.area, date.fromisoformat(r.date) if r.date else None, r.sensor, stage_name, r.reason)
+
+
+def run(spark: SparkSession, cfg: Config) -> dict[str, Any]:
+    rs = cfg.remote_sensing
+    lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
+    with stage("remote_sensing.catalogue") as st:
+        scenes, rejected = catalogue(rs)
+        st.rows_in, st.rows_out = len(scenes) + len(rejected), len(scenes)
+        for r in rejected:
+            log.warning("scene quarantined: %s: %s", r.path, r.reason)
+    scene_pairs = pairs(scenes)
+    if not scene_pairs:
+        raise RemoteSensingError(
+            f"no pair of usable scenes of one area ({len(scenes)} usable, {len(rejected)} rejected: "
+            + "; ".join(f"{r.path}: {r.reason}" for r in rejected[:3]) + "); configure remote_sensing.scenes "
+            "or remote_sensing.scene_dir with two or more dates")
+    admin = load_admin(rs)
+    root = rasters_root(cfg)
+    staging = root / "_staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    with stage("remote_sensing.tiles") as st:
+        parts = compute(spark, scene_pairs, rs, admin, str(staging)).persist(StorageLevel.MEMORY_AND_DISK)
+        st.rows_out = parts.count()
+        errors = parts.filter(F.col("kind") == "error").select("pair_id", "window_id", "detail").collect()
+    by_pair = {pair_id(b, a): (b, a) for b, a in scene_pairs}
+    failed: dict[str, str] = {}
+    tiling_rejects = []
+    for e in errors:
+        failed.setdefault(e["pair_id"], e["detail"])
+    for pid, detail in failed.items():
+        for s in by_pair[pid]:
+            if s.path in detail or any(f in detail for f, _ in s.files.values()):
+                tiling_rejects.append(Rejected(s.path, s.area, s.date, s.sensor, f"window read failed: {detail}"))
+        log.warning("pair %s left out of gold: %s", pid, detail)
+    good = [(b, a) for b, a in scene_pairs if pair_id(b, a) not in failed]
+
+    scenes_df = spark.createDataFrame([_scene_row(s) for s in scenes], spec("silver.settlement_scenes").schema)
+    lake.write(scenes_df, "silver.settlement_scenes", mode="overwrite")
+    q_rows = [_quarantine_row(r, "catalogue") for r in rejected] + [_quarantine_row(r, "tiling")
+                                                                    for r in tiling_rejects]
+    lake.write(spark.createDataFrame(q_rows, spec("quarantine.settlement_scenes").schema),
+               "quarantine.settlement_scenes", mode="overwrite")
+    written: dict[str, int] = {}
+    if good:
+        meta = spark.createDataFrame(
+            [(pair_id(b, a), b.area, date.fromisoformat(b.date), date.fromisoformat(a.date), b.sensor, a.sensor)
+             for b, a in good],
+            "pair_id string, area string, date_before date, date_after date, sensor_before string, sensor_after string")
+        scope = " OR ".join(f"(area = '{b.area}' AND date_before = DATE'{b.date}' AND date_after = DATE'{a.date}')"
+                            for b, a in good)
+        with stage("remote_sensing.gold") as st:
+            h3df = summarise(parts, meta, "h3").withColumn("h3_resolution", F.lit(rs.h3_resolution)) \
+                .withColumnRenamed("unit", "h3_index")
+            lake.write(lake.conform(h3df, "gold.settlement_change_h3"), "gold.settlement_change_h3",
+                       replace_where=f"({scope}) AND h3_resolution = {rs.h3_resolution}")
+            levels = [lvl for lvl, _, _ in admin]
+            if levels:
+                adf = summarise(parts, meta, "admin")
+                level_in = ", ".join(f"'{lvl}'" for lvl in levels)
+                lake.write(lake.conform(adf, "gold.settlement_change_admin"), "gold.settlement_change_admin",
+                           replace_where=f"({scope}) AND level IN ({level_in})")
+            tiles = parts.filter(F.col("kind") == "tile").join(meta, on="pair_id", how="inner")
+            detail = F.from_json("detail", "row_off int, col_off int, height int, width int")
+            tiles = tiles.select("*", detail.alias("w")).select(
+                "area", "date_before", "date_after", "window_id", F.col("w.row_off").alias("row_off"),
+                F.col("w.col_off").alias("col_off"), F.col("w.height").alias("height"),
+                F.col("w.width").alias("width"), "n_pixels", "n_pixels_valid", "n_outside_admin",
+                (F.col("n_pixels_valid") / F.col("n_pixels")).alias("valid_fraction"),
+                F.col("peak_rss_mb").alias("worker_peak_rss_mb"))
+            lake.write(lake.conform(tiles, "silver.settlement_tiles"), "silver.settlement_tiles",
+                       replace_where=scope)
+            written = {"pairs": len(good)}
+            st.rows_out = len(good)
+        with stage("remote_sensing.rasters"):
+            tasks = [(pair_id(b, a), json.dumps(asdict(b)), str(staging),
+                      str(root / "settlement_change" / b.area / f"{b.date}_{a.date}")) for b, a in good]
+            rasters = spark.sparkContext.parallelize(tasks, len(tasks)).map(assemble).collect()
+    else:
+        rasters = []
+    parts.unpersist()
+    shutil.rmtree(staging, ignore_errors=True)
+    summary = {"scenes": len(scenes), "rejected": len(rejected) + len(tiling_rejects), "pairs": len(scene_pairs),
+               "pairs_written": len(good), "failed_pairs": failed, "rasters": rasters, **written}
+    log.info("remote_sensing.change: %s", json.dumps(summary, default=str))
+    return summary
