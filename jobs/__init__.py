@@ -19,6 +19,10 @@ JOBS: dict[str, tuple[str, str]] = {
         "jobs.cdr.mobility",
         "bronze.cdr_events -> daily/home locations -> presence, OD flows, displacement (gold)",
     ),
+    "remote_sensing.change": (
+        "jobs.remote_sensing.change",
+        "Satellite scenes (two or more dates) -> settlement change per H3 cell and admin area (gold) + COG",
+    ),
     "release": (
         "jobs.release",
         "Guard a gold table and export it: exports.<type>, files + manifest, audit.releases",

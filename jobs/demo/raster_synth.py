@@ -52,20 +52,29 @@ def cover(rows: np.ndarray, cols: np.ndarray, seed: int) -> np.ndarray:
 
 
 def synthetic_scene(path: Path, width: int, height: int, seed: int, crs: str = "EPSG:31985",
-                    origin: tuple[float, float] = (288776.25, 9120760.75), pixel: float = 28.5) -> Path:
-    """A Landsat-7-like scene (6 bands, uint8, DN) written block by block."""
+                    origin: tuple[float, float] = (288776.25, 9120760.75), pixel: float = 28.5,
+                    nodata_box: tuple[int, int, int, int] | None = None) -> Path:
+    """A Landsat-7-like scene (6 bands, uint8, DN) written block by block.
+
+    ``nodata_box`` (row, col, height, width) is filled with 0 and the file declares nodata 0."""
     path.parent.mkdir(parents=True, exist_ok=True)
     spectra = np.array([SPECTRA["water"], SPECTRA["vegetation"], SPECTRA["built"]], dtype=np.float64)
     transform = rasterio.Affine(pixel, 0, origin[0], 0, -pixel, origin[1])
     with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=6, dtype="uint8", crs=crs,
-                       transform=transform, tiled=True, blockxsize=256, blockysize=256, compress="deflate") as dst:
+                       transform=transform, tiled=True, blockxsize=256, blockysize=256, compress="deflate",
+                       nodata=0 if nodata_box else None) as dst:
         for row0 in range(0, height, BLOCK_ROWS):
             h = min(BLOCK_ROWS, height - row0)
             rows, cols = np.arange(row0, row0 + h), np.arange(width)
             cls = cover(rows, cols, seed)
             rng = np.random.default_rng([seed, row0])
             data = spectra[cls].transpose(2, 0, 1) + rng.normal(0, 2.0, (6, h, width))
-            dst.write(np.clip(np.rint(data), 1, 255).astype(np.uint8), window=Window(0, row0, width, h))
+            block = np.clip(np.rint(data), 1, 255).astype(np.uint8)
+            if nodata_box:
+                r, c, bh, bw = nodata_box
+                rows_in = (rows >= r) & (rows < r + bh)
+                block[:, rows_in, c:c + bw] = 0
+            dst.write(block, window=Window(0, row0, width, h))
     return path
 
 
@@ -98,7 +107,7 @@ def choose_sites(src_path: Path, n_sites: int, radius: int, seed: int,
         r, c = int(rng.integers(radius, height - radius)), int(rng.integers(radius, width - radius))
         rs, cs = r // f, c // f
         patch = (slice(max(0, rs - r_small), rs + r_small + 1), slice(max(0, cs - r_small), cs + r_small + 1))
-        if built[patch].mean() > 0.1 or water[patch].mean() > 0.05:
+        if built[patch].mean() > 0.1 or water[patch].mean() > 0.05 or (small[:, patch[0], patch[1]] == 0).any():
             continue
         if any((r - r2) ** 2 + (c - c2) ** 2 < (3 * radius) ** 2 for r2, c2 in sites):
             continue
@@ -136,6 +145,8 @@ def plant_growth(src_path: Path, dst_path: Path, seed: int, thresholds: tuple[fl
                 data = src.read(window=win)
                 rr, cc = np.meshgrid(np.arange(row0, row0 + win.height), np.arange(src.width), indexing="ij")
                 before = _built(data, thresholds)
+                if src.nodata is not None:
+                    before |= (data == src.nodata).any(axis=0)  # nodata stays nodata: never planted
                 for i, (r, c) in enumerate(sites):
                     disk = (rr - r) ** 2 + (cc - c) ** 2 <= radius ** 2
                     new = disk & ~before

@@ -247,7 +247,8 @@ def assemble(task: tuple[str, str, str, str]) -> dict[str, Any]:
                                3: (220, 30, 30, 255), 4: (30, 90, 220, 255)})
         dst.update_tags(1, **{f"class_{k}": v for k, v in pixels.CLASS_NAMES.items()})
     cog = out / "change.tif"
-    rasterio.shutil.copy(tmp, cog, driver="COG", compress="DEFLATE", overview_resampling="nearest")
+    rasterio.shutil.copy(tmp, cog, driver="COG", compress="DEFLATE", blocksize=256,
+                          overview_resampling="nearest")
     tmp.unlink()
     shutil.rmtree(Path(staging) / pid, ignore_errors=True)
     from jobs.remote_sensing import quicklook
