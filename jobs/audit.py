@@ -102,6 +102,11 @@ def verify_files(folder: Path, audit_files: dict[str, str] | None = None) -> lis
     add("threshold", ok, f"{len(shown)} released counts all > {threshold}; {len(withheld)} withheld, all empty"
         if ok else f"{int((shown <= threshold).sum())} released counts at or below {threshold}; "
         f"{int(withheld.notna().sum())} withheld cells carry a value")
+    measures = [m for m in dims.get("measures", []) if m in cells.columns]
+    if measures:
+        leaked = cells.loc[cells["status"] != "released", measures].notna().sum()
+        add("withheld measures", not leaked.any(), f"{len(measures)} measures empty on every withheld cell"
+            if not leaked.any() else f"withheld cells carry measures: {leaked[leaked > 0].to_dict()}")
     problems = []
     tol = (rules.get("rounding_base") or 0) / 2
     groups = [((), cells)] if not slice_by else cells.groupby(slice_by, sort=True, dropna=False)

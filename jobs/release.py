@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
@@ -101,7 +102,7 @@ def export_specs(release_type: str, rt: ReleaseType, source_schema: T.StructType
     the lowest threshold any profile of the policy allows for the type, so every release passes it
     and no direct write at or below it can."""
     by_name = {f.name: f.dataType for f in source_schema.fields}
-    cols = [*rt.slice_by, *rt.cells]
+    cols = [*rt.slice_by, *rt.cells, *rt.measures]
     missing = [c for c in cols + [rt.count_column] if c not in by_name]
     if missing:
         raise ReleaseError(f"release type {release_type}: source {rt.source} has no columns {missing}")
@@ -111,15 +112,20 @@ def export_specs(release_type: str, rt: ReleaseType, source_schema: T.StructType
         "released_above_threshold": f"(status = 'released' AND {n} > {t}) OR (status <> 'released' AND {n} IS NULL)",
         "status_known": "status IN ('released', 'primary', 'complementary', 'noise')",
     }
+    cell_check = dict(check)
+    if rt.measures:
+        cell_check["withheld_measures_empty"] = "status = 'released' OR (" + " AND ".join(
+            f"{m} IS NULL" for m in rt.measures) + ")"
     head = [T.StructField("release_id", T.StringType(), False)]
     slice_fields = [T.StructField(c, by_name[c], True) for c in rt.slice_by]
     tail = [T.StructField(n, T.LongType(), True), T.StructField("status", T.StringType(), False)]
     cells = TableSpec(
         name=f"exports.{release_type}",
         schema=T.StructType(head + slice_fields + [T.StructField(c, by_name[c], True) for c in rt.cells]
-                            + [T.StructField(c, T.StringType(), True) for c in parent_cols] + tail),
+                            + [T.StructField(c, T.StringType(), True) for c in parent_cols] + tail
+                            + [T.StructField(m, T.DoubleType(), True) for m in rt.measures]),
         description=f"Released {release_type} cells (withheld cells listed with status, count null).",
-        source=rt.owner, owner_job="release", partition_by=("release_id",), constraints=check,
+        source=rt.owner, owner_job="release", partition_by=("release_id",), constraints=cell_check,
     )
     margins = TableSpec(
         name=f"exports.{release_type}_margins",
@@ -168,6 +174,39 @@ def parents(lake: Lakehouse, rt: ReleaseType, frame: pd.DataFrame) -> pd.DataFra
     return frame
 
 
+def owner_inputs(rt: ReleaseType) -> list[str]:
+    """Extra source columns the owning pipeline needs to prepare a release (e.g. to re-aggregate)."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"jobs.{rt.owner}.release_hooks")
+    except ModuleNotFoundError:
+        return []
+    return list(getattr(module, "INPUTS", []))
+
+
+def owner_prepare(cfg: Config, rt: ReleaseType, frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Let the owning pipeline apply its spatial rules before the guard (settlement layers: coarsen H3
+    cells in sensitive zones to the policy's minimum resolution). Returns the frame and counts to record."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"jobs.{rt.owner}.release_hooks")
+    except ModuleNotFoundError:
+        return frame, {}
+    return module.prepare(cfg, rt, frame)
+
+
+def with_measures(cells: pd.DataFrame, frame: pd.DataFrame, rt: ReleaseType) -> pd.DataFrame:
+    """Attach the measure columns to the guarded cells; withheld cells get none (empty, never zero)."""
+    if not rt.measures:
+        return cells
+    keys = [*rt.slice_by, *rt.cells]
+    out = cells.merge(frame[keys + rt.measures], on=keys, how="left", validate="one_to_one")
+    out.loc[out["status"] != guard.RELEASED, rt.measures] = np.nan
+    return out
+
+
 def run_guard(frame: pd.DataFrame, rt: ReleaseType, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Guard every slice; cells and margins with the slice columns, and summed counts."""
     extra = list(dict.fromkeys(c for m in rt.margins for c in m if c not in rt.cells))
@@ -202,13 +241,22 @@ def spatial_files(cfg: Config, rt: ReleaseType, cells: pd.DataFrame, folder: Pat
     Each feature is one guarded cell with its unit's polygon; withheld cells keep an
     empty count and their status. Returns a description, or None for non-spatial types.
     """
-    if rt.owner != "cdr" or "unit" not in rt.cells or "spatial_unit" not in cells.columns:
-        return None
     import geopandas as gpd
     import h3
     from shapely.geometry import Polygon
 
     from lib import geo
+
+    if rt.cells == ["h3_index"]:
+        shapes = {u: Polygon([(lng, lat) for lat, lng in h3.cell_to_boundary(u)]) for u in cells["h3_index"].unique()}
+        polygons = gpd.GeoDataFrame({"h3_index": list(shapes)}, geometry=list(shapes.values()), crs=4326)
+        out = gpd.GeoDataFrame(polygons.merge(cells, on="h3_index", how="inner"), geometry="geometry", crs=4326)
+        out = out.astype({c: str for c in rt.slice_by})
+        out.to_file(folder / "cells.geojson", driver="GeoJSON")
+        out.to_parquet(folder / "cells.geoparquet")
+        return "cells.geojson and cells.geoparquet: one feature per H3 cell with its polygon (EPSG:4326)"
+    if rt.owner != "cdr" or "unit" not in rt.cells or "spatial_unit" not in cells.columns:
+        return None
 
     levels = set(cells["spatial_unit"].dropna())
     if len(levels) != 1:
@@ -244,6 +292,8 @@ def sha256_file(path: Path) -> str:
 def data_dictionary(rt: ReleaseType, source_desc: str) -> dict[str, str]:
     d = {c: f"slice: one protected table per value ({c})" for c in rt.slice_by}
     d.update({c: "cell dimension" for c in rt.cells})
+    d.update({m: "measure of the cell (see the source description); empty when the cell is withheld"
+              for m in rt.measures})
     d[rt.count_column] = (f"distinct contributors; null when withheld. Released only above "
                           f"{rt.suppress_at_or_below}" + (f", rounded to {rt.rounding_base}" if rt.rounding_base else "")
                           + (f", with {rt.noise.mechanism} noise (epsilon {rt.noise.epsilon})" if rt.noise else ""))
@@ -291,10 +341,12 @@ def release(spark: SparkSession, cfg: Config, release_type: str, requester: str 
     lowest = min(effective(policy, release_type, p, override_reason or "threshold of the export table")[0]
                  .suppress_at_or_below for p in policy.profiles)
     cells_spec, margins_spec = export_specs(release_type, rt, src_spec.schema, min(lowest, rt.suppress_at_or_below))
-    frame = df.select(*dict.fromkeys([*rt.slice_by, *rt.cells, rt.count_column])).toPandas()
+    frame = df.select(*dict.fromkeys([*rt.slice_by, *rt.cells, rt.count_column, *rt.measures,
+                                      *owner_inputs(rt)])).toPandas()
     if frame.empty:
         raise ReleaseError(f"release {release_type}: {rt.source} has no rows for the period {start}..{end}")
     frame = parents(lake, rt, frame)
+    frame, prepared = owner_prepare(cfg, rt, frame)
     content = hashlib.sha256(pd.util.hash_pandas_object(
         frame.sort_values(list(frame.columns)).reset_index(drop=True), index=False).to_numpy().tobytes()).hexdigest()
     release_id = f"{release_type}-{phash[:8]}-{content[:12]}"
@@ -305,6 +357,8 @@ def release(spark: SparkSession, cfg: Config, release_type: str, requester: str 
         cells, margins, counts = run_guard(frame, rt, seed=guard.seed_for(phash, content))
         st.rows_out = int((cells["status"] == guard.RELEASED).sum())
         st.notes.update({k: v for k, v in counts["totals"].items() if k.startswith("withheld")})
+        counts["totals"].update(prepared)
+        cells = with_measures(cells, frame, rt)
 
     # Every withheld cell must pass the attacker check (the guard guarantees it; verify re-derives it).
     if rt.noise:
@@ -352,7 +406,7 @@ def release(spark: SparkSession, cfg: Config, release_type: str, requester: str 
         "policy_hash": phash,
         "override": {"reason": override_reason, "problems": overridden} if overridden else None,
         "dimensions": {"slice_by": rt.slice_by, "cells": rt.cells, "margins": rt.margins,
-                       "count_column": rt.count_column},
+                       "count_column": rt.count_column, "measures": rt.measures},
         "data_dictionary": data_dictionary(rt, src_spec.description),
         "counts": counts["totals"],
         "files": files,

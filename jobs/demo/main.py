@@ -46,6 +46,81 @@ def demo_config(cfg: Config, input_dir: Path) -> Config:
 def run(spark: SparkSession, cfg: Config) -> None:
     input_dir = Path(cfg.demo.input_dir)
     input_dir = input_dir if input_dir.is_absolute() else PROJECT_ROOT / input_dir
+    lines = ["", "migralake demo finished"]
+    if "cdr" in cfg.demo.pipelines:
+        lines += cdr_demo(spark, cfg, input_dir)
+    if "remote_sensing" in cfg.demo.pipelines:
+        lines += remote_sensing_demo(spark, cfg, input_dir)
+    print("\n".join(lines))
+    log.info("demo: done")
+
+
+def remote_sensing_config(cfg: Config, input_dir: Path) -> tuple[Config, dict]:
+    """Inputs for the remote-sensing demo: the real Landsat-7 scene as the first date when present (else a
+    seeded synthetic scene), a second date with planted settlement growth, admin areas, a sensitive zone."""
+    import geopandas as gpd
+    import rasterio
+    from shapely.geometry import Point
+
+    from jobs.demo import raster_synth
+    from lib.config import RemoteSensingSettings
+
+    folder = input_dir / "remote_sensing"
+    real = Path(cfg.demo.raster_scene) if cfg.demo.raster_scene else None
+    real = real if real is None or real.is_absolute() else PROJECT_ROOT / real
+    if real is not None and real.exists():
+        first, area = real, "olinda-recife"
+    else:
+        size = cfg.demo.raster_synthetic_size
+        first = raster_synth.synthetic_scene(folder / "synthetic_20240101.tif", size, size, seed=cfg.demo.seed)
+        area = "synthetic"
+    t = cfg.remote_sensing.sensors["landsat7_etm"].thresholds
+    after = folder / f"{area}_20240701.tif"
+    truth = raster_synth.plant_growth(first, after, seed=cfg.demo.seed, thresholds=(t.ndbi_min, t.ndvi_max,
+                                                                                      t.mndwi_max))
+    truth["first_date"] = str(first)
+    admin = raster_synth.admin_areas(first, folder / "admin", prefix="RS")
+    # A sensitive zone (e.g. a displacement site) around the first planted site: H3 layers are coarsened there.
+    site = truth["sites"][0]
+    with rasterio.open(first) as src:
+        x, y = src.xy(site["row"], site["col"])
+        zone = gpd.GeoDataFrame({"zone": ["site-1"]}, geometry=[Point(x, y).buffer(1500)], crs=src.crs)
+    zones = folder / "sensitive_zones.geojson"
+    zone.to_crs(4326).to_file(zones, driver="GeoJSON")
+    rs = cfg.remote_sensing.model_dump()
+    rs.update(scenes=[{"path": str(first), "date": "2024-01-01", "sensor": "landsat7_etm", "area": area},
+                      {"path": str(after), "date": "2024-07-01", "sensor": "landsat7_etm", "area": area}],
+              admin_paths=admin, sensitive_zones_path=str(zones))
+    truth["area"] = area
+    return cfg.model_copy(update={"remote_sensing": RemoteSensingSettings.model_validate(rs)}), truth
+
+
+def remote_sensing_demo(spark: SparkSession, cfg: Config, input_dir: Path) -> list[str]:
+    from jobs.remote_sensing import change
+
+    with stage("demo.synthetic_rasters"):
+        run_cfg, truth = remote_sensing_config(cfg, input_dir)
+    summary = change.run(spark, run_cfg)
+    lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
+    h3 = lake.read("gold.settlement_change_h3").filter(F.col("area") == truth["area"])
+    tot = h3.agg(F.sum("new_km2").alias("new"), F.sum("lost_km2").alias("lost"),
+                 F.sum("built_km2_before").alias("before"), F.sum("valid_km2").alias("valid")).first()
+    raster = summary["rasters"][0] if summary["rasters"] else {}
+    lines = [
+        f"  remote sensing   : first date {truth['first_date']}",
+        f"    settlement     : built-up {tot['before']:.2f} of {tot['valid']:.2f} km2 valid on the first date; "
+        f"new {tot['new']:.3f} km2, lost {tot['lost']:.3f} km2 (planted growth: {truth['planted_km2']:.3f} km2 "
+        f"in {len(truth['sites'])} sites)",
+        f"    change raster  : {raster.get('cog')} (COG), map {raster.get('quicklook')}",
+    ]
+    lines += [f"    {name:<32} {lake.location(name)}" for name in (
+        "silver.settlement_scenes", "quarantine.settlement_scenes", "silver.settlement_tiles",
+        "gold.settlement_change_h3", "gold.settlement_change_admin")]
+    lines += releases(spark, run_cfg, lake, ("settlement_change",))
+    return lines
+
+
+def cdr_demo(spark: SparkSession, cfg: Config, input_dir: Path) -> list[str]:
     with stage("demo.synthetic_cdr") as st:
         truth = cdr_synth.generate(spark, cfg.demo, input_dir)
         st.rows_out = truth["rows_total"]
@@ -74,8 +149,6 @@ def run(spark: SparkSession, cfg: Config) -> None:
         & F.col("origin").startswith(cdr_synth.AFFECTED_REGION + "-") & (F.col("week_since_event") == 0)
     ).agg(F.sum("n_away").alias("away"), F.sum("n_subscribers").alias("seen")).first()
     lines = [
-        "",
-        "migralake demo finished",
         f"  synthetic inputs : {input_dir / 'cdr'} (ground truth: truth.json, truth_subscribers/)",
         f"  lakehouse        : {lake.root}",
     ]
@@ -93,20 +166,19 @@ def run(spark: SparkSession, cfg: Config) -> None:
         f"in week 0 (planted: {n_displaced / truth['residents_affected_region']:.1%})",
         "  list all tables  : ./spark-submit.sh tables",
     ]
-    lines += releases(spark, run_cfg, lake)
-    print("\n".join(lines))
-    log.info("demo: done")
+    lines += releases(spark, run_cfg, lake, ("cdr_presence", "cdr_od", "cdr_displacement"))
+    return lines
 
 
-def releases(spark: SparkSession, cfg: Config, lake: Lakehouse) -> list[str]:
-    """Release the CDR outputs through the guard, verify each from its files, write reviewer reports."""
+def releases(spark: SparkSession, cfg: Config, lake: Lakehouse, types: tuple[str, ...]) -> list[str]:
+    """Release outputs through the guard, verify each from its files, write reviewer reports."""
     from jobs import audit, release
 
     out = ["  releases (guarded; ./spark-submit.sh audit list):"]
     reports = Path(cfg.lakehouse.reports_dir)
     reports = reports if reports.is_absolute() else PROJECT_ROOT / reports
     reports.mkdir(parents=True, exist_ok=True)
-    for rtype in ("cdr_presence", "cdr_od", "cdr_displacement"):
+    for rtype in types:
         with stage(f"demo.release {rtype}"):
             r = release.release(spark, cfg, rtype, requester="demo")
             row = audit.audit_row(lake, r["release_id"])

@@ -101,13 +101,13 @@ def choose_sites(src_path: Path, n_sites: int, radius: int, seed: int,
     rng = np.random.default_rng(seed)
     sites: list[tuple[int, int]] = []
     r_small = max(1, radius // f)
-    for _ in range(5000):
+    for _ in range(20_000):
         if len(sites) == n_sites:
             break
         r, c = int(rng.integers(radius, height - radius)), int(rng.integers(radius, width - radius))
         rs, cs = r // f, c // f
         patch = (slice(max(0, rs - r_small), rs + r_small + 1), slice(max(0, cs - r_small), cs + r_small + 1))
-        if built[patch].mean() > 0.1 or water[patch].mean() > 0.05 or (small[:, patch[0], patch[1]] == 0).any():
+        if built[patch].mean() > 0.2 or water[patch].mean() > 0.05 or (small[:, patch[0], patch[1]] == 0).any():
             continue
         if any((r - r2) ** 2 + (c - c2) ** 2 < (3 * radius) ** 2 for r2, c2 in sites):
             continue

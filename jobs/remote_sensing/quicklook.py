@@ -46,7 +46,10 @@ def draw(release_type: str, rt: ReleaseType, cells: pd.DataFrame, path: Path) ->
     """Map of released H3 cells coloured by their measure; withheld cells hatched, never shown as zero."""
     import h3
 
-    measure = next((m for m in rt.measures if m in cells.columns), rt.count_column)
+    measure = next((m for m in ("change_km2", *rt.measures) if m in cells.columns), rt.count_column)
+    if rt.slice_by:  # the last slice (latest pair)
+        last = cells.iloc[-1][rt.slice_by]
+        cells = cells[(cells[rt.slice_by] == last).all(axis=1)]
     fig, ax = plt.subplots(figsize=(8, 7))
     shown = cells[cells["status"] == "released"]
     values = pd.to_numeric(shown[measure], errors="coerce")

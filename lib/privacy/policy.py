@@ -56,6 +56,8 @@ class ReleaseType(_Model):
     rounding_base: int | None = Field(None, ge=2)
     noise: NoiseSpec | None = None
     min_h3_resolution_sensitive: int | None = Field(None, ge=0, le=15)
+    # Columns released with each cell (e.g. km2 of change) and withheld with it: never summed into margins.
+    measures: list[str] = Field(default_factory=list)
     owner: str
 
 

@@ -1,0 +1,62 @@
+"""Release preparation for settlement layers: coarsen H3 cells in sensitive zones before the guard.
+
+Settlement layers can show where displaced or otherwise vulnerable people live. In
+zones marked sensitive (``remote_sensing.sensitive_zones_path``: polygons, any CRS),
+nothing finer than the policy's ``min_h3_resolution_sensitive`` is published: every
+cell whose parent at that resolution has any child cell centre inside a zone is
+merged into that parent (counts and km2 summed, percentages recomputed), so a parent
+and its children are never published side by side.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h3
+import numpy as np
+import pandas as pd
+
+from lib.config import PROJECT_ROOT, Config
+from lib.privacy.policy import ReleaseType
+
+INPUTS = ["n_pixels"]  # needed to recompute valid_fraction after merging
+
+
+def sensitive_parents(cells: pd.Series, zones_path: str, resolution: int) -> set[str]:
+    """Parents at ``resolution`` of the cells whose centre lies in a sensitive zone."""
+    import geopandas as gpd
+    import shapely
+
+    path = Path(zones_path)
+    path = path if path.is_absolute() else PROJECT_ROOT / path
+    zones = gpd.read_file(path).to_crs(4326).union_all()
+    uniq = cells.dropna().unique()
+    centres = [h3.cell_to_latlng(c) for c in uniq]
+    inside = shapely.contains_xy(zones, [c[1] for c in centres], [c[0] for c in centres])
+    return {h3.cell_to_parent(c, resolution) if h3.get_resolution(c) > resolution else c
+            for c, hit in zip(uniq, inside, strict=True) if hit}
+
+
+def prepare(cfg: Config, rt: ReleaseType, frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    res = rt.min_h3_resolution_sensitive
+    zones = cfg.remote_sensing.sensitive_zones_path
+    if res is None or not zones or "h3_index" not in rt.cells:
+        return frame.drop(columns=[c for c in INPUTS if c not in rt.measures and c in frame.columns]), {}
+    parents = sensitive_parents(frame["h3_index"], zones, res)
+    parent_of = frame["h3_index"].map(lambda c: h3.cell_to_parent(c, res) if h3.get_resolution(c) > res else c)
+    hit = parent_of.isin(parents)
+    n_fine = int(hit.sum())
+    out = frame.copy()
+    out.loc[hit, "h3_index"] = parent_of[hit]
+    keys = [*rt.slice_by, *rt.cells]
+    ratios = ("change_pct", "valid_fraction")  # recomputed below; every other measure is a count or an area
+    summed = [c for c in out.columns if c not in keys and c not in ratios]
+    agg = out.groupby(keys, sort=True, dropna=False)[summed].sum().reset_index()
+    if {"change_pct", "change_km2", "built_km2_before"} <= set(out.columns):
+        before = agg["built_km2_before"]
+        agg["change_pct"] = np.where(before > 0, agg["change_km2"] / before.where(before > 0) * 100.0, np.nan)
+    if {"valid_fraction", "n_pixels_valid", "n_pixels"} <= set(out.columns):
+        agg["valid_fraction"] = agg["n_pixels_valid"] / agg["n_pixels"]
+    agg = agg[[c for c in frame.columns if c in agg.columns]]
+    agg = agg.drop(columns=[c for c in INPUTS if c not in rt.measures])
+    return agg, {"cells_coarsened_sensitive": n_fine, "sensitive_parents": int(agg["h3_index"].isin(parents).sum())}
