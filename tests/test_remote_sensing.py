@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import rasterio
 from pyspark.sql import functions as F
@@ -236,3 +237,41 @@ def test_band_folder_with_20m_swir_is_resampled(tmp_path):  # type: ignore[no-un
     built, valid = pixels.builtup(scene, scene.grid, rasterio.windows.Window(0, 0, 64, 64), "nearest")
     assert not valid[:8].any() and valid[8:].all()
     assert built[8:, 32:].all() and not built[8:, :32].any()
+
+
+def test_settlement_release_coarsens_sensitive_zones_and_withholds_measures(world, spark):  # type: ignore[no-untyped-def]
+    import geopandas as gpd
+    import h3
+    from shapely.geometry import Point
+
+    from jobs import audit, release
+
+    site = world["truth"]["synth"]["sites"][0]
+    with rasterio.open(world["synth"]) as src:
+        x, y = src.xy(site["row"], site["col"])
+        zone = gpd.GeoDataFrame(geometry=[Point(x, y).buffer(800)], crs=src.crs).to_crs(4326)
+    zones = world["root"] / "zones.geojson"
+    zone.to_file(zones, driver="GeoJSON")
+    rs = world["cfg"].remote_sensing.model_copy(update={"sensitive_zones_path": str(zones)})
+    lakehouse = world["cfg"].lakehouse.model_copy(update={"exports_dir": str(world["root"] / "exports")})
+    cfg = world["cfg"].model_copy(update={"remote_sensing": rs, "lakehouse": lakehouse})
+    out = release.release(spark, cfg, "settlement_change", requester="tester")
+    cells = pd.read_parquet(Path(out["path"]) / "cells.parquet")
+    assert out["counts"]["cells_coarsened_sensitive"] > 0
+    # Nothing finer than resolution 7 has its centre in the zone; the zone's cells went to their parents.
+    zone_geom = zone.union_all()
+    synth = cells[cells["area"] == "synth"]
+    res = synth["h3_index"].map(h3.get_resolution)
+    assert set(res) == {7, 8}
+    fine_in_zone = [c for c in synth.loc[res == 8, "h3_index"]
+                    if zone_geom.contains(Point(h3.cell_to_latlng(c)[::-1]))]
+    assert fine_in_zone == []
+    assert len(synth) < _h3(world, "synth").count()  # fine cells were merged into parents
+    withheld = cells[cells["status"] != "released"]
+    released = cells[cells["status"] == "released"]
+    assert (released["n_pixels_valid"] > 15).all()
+    assert withheld[["new_km2", "change_km2", "change_pct"]].isna().all().all()
+    assert len(withheld) > 0  # thin edge cells of the warped scene and the nodata block
+    results = audit.verify_files(Path(out["path"]))
+    assert all(ok for _, ok, _ in results), results
+    assert (Path(out["path"]) / "cells.geojson").exists()

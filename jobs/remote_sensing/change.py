@@ -101,8 +101,13 @@ def process_window(before: Scene, after: Scene, window: Window, h3_resolution: i
     area = pixels.pixel_area_km2(grid, window, lat)
     pid, wid = pair_id(before, after), window_id(window)
     frames = []
-    sums = pixels.unit_sums(pixels.h3_index(lon, lat, h3_resolution), classes, area)
     import h3
+
+    # Per cell (vectorised point-in-polygon, exact fallback near edges) when cells span many pixels.
+    cell_px = h3.average_hexagon_area(h3_resolution, unit="km^2") / float(area.flat[0])
+    keys = (pixels.h3_index_fast(grid, window, lon, lat, h3_resolution) if cell_px >= 300
+            else pixels.h3_index(lon, lat, h3_resolution))
+    sums = pixels.unit_sums(keys, classes, area)
 
     frames.append(pd.DataFrame({"kind": "h3", "level": f"h3_{h3_resolution}",
                                 "unit": [h3.int_to_str(int(k)) for k in sums.pop("key")], **sums}))
