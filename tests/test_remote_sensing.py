@@ -275,3 +275,15 @@ def test_settlement_release_coarsens_sensitive_zones_and_withholds_measures(worl
     results = audit.verify_files(Path(out["path"]))
     assert all(ok for _, ok, _ in results), results
     assert (Path(out["path"]) / "cells.geojson").exists()
+
+
+@pytest.mark.parametrize("resolution", [7, 8])
+def test_per_cell_h3_assignment_equals_per_pixel_lookup(tmp_path, resolution):  # type: ignore[no-untyped-def]
+    scene = raster_synth.synthetic_scene(tmp_path / "s.tif", 700, 600, seed=2)
+    with rasterio.open(scene) as src:
+        grid = pixels.Grid(src.crs.to_wkt(), tuple(src.transform)[:6], src.width, src.height)
+    for window in pixels.windows(grid, 256):
+        lon, lat = pixels.pixel_centres(grid, window)
+        exact = pixels.h3_index(lon, lat, resolution)
+        fast = pixels.h3_index_fast(grid, window, lon, lat, resolution)
+        assert np.array_equal(exact, fast), window

@@ -20,9 +20,12 @@ window that cannot be read quarantines its scene and leaves that pair out of gol
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import date
 from pathlib import Path
@@ -55,6 +58,8 @@ PART_SCHEMA = T.StructType([
     *[T.StructField(c, T.DoubleType(), True) for c in pixels.SUM_COLUMNS if c.startswith("km2_")],
     T.StructField("n_outside_admin", T.LongType(), True),
     T.StructField("peak_rss_mb", T.DoubleType(), True),
+    T.StructField("seconds", T.DoubleType(), True),
+    T.StructField("worker_pid", T.LongType(), True),
     T.StructField("detail", T.StringType(), True),
 ])
 WINDOW_SCHEMA = T.StructType([
@@ -158,11 +163,14 @@ def _window_parts(pair_scenes: dict[str, tuple[str, str]], h3_resolution: int, r
             for row in batch.itertuples(index=False):
                 before, after = cache.setdefault(row.pair_id, tuple(map(scene_from_json, pair_scenes[row.pair_id])))
                 window = Window(row.col_off, row.row_off, row.width, row.height)
+                started = time.perf_counter()
                 try:
                     out = process_window(before, after, window, h3_resolution, resampling, cache["admin"], staging)
                 except pixels.SceneReadError as exc:
                     out = pd.DataFrame({"kind": ["error"], "pair_id": [row.pair_id],
                                         "window_id": [window_id(window)], "detail": [str(exc)]})
+                out.loc[out["kind"] == "tile", "seconds"] = time.perf_counter() - started
+                out.loc[out["kind"] == "tile", "worker_pid"] = os.getpid()
                 yield out.reindex(columns=PART_SCHEMA.fieldNames())
 
     return run_batches
@@ -188,7 +196,9 @@ def compute(spark: SparkSession, scene_pairs: list[tuple[Scene, Scene]], setting
     pair_scenes = {pair_id(b, a): (json.dumps(asdict(b)), json.dumps(asdict(a))) for b, a in scene_pairs}
     rows = [(pair_id(b, a), int(w.row_off), int(w.col_off), int(w.height), int(w.width))
             for b, a in scene_pairs for w in pixels.windows(b.grid, settings.window_size)]
-    slices = max(1, min(len(rows), 20_000))
+    # A few tasks per core: each task pays a fixed start-up cost (closure, Arrow stream), so a task carries
+    # several windows; windows are alike in cost, so this still balances the cores.
+    slices = max(1, min(len(rows), spark.sparkContext.defaultParallelism * 4))
     windows_df = spark.createDataFrame(spark.sparkContext.parallelize(rows, slices), WINDOW_SCHEMA)
     fn = _window_parts(pair_scenes, settings.h3_resolution, settings.resampling, admin, staging)
     return windows_df.mapInPandas(fn, PART_SCHEMA)
@@ -289,6 +299,11 @@ def run(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     root = rasters_root(cfg)
     staging = root / "_staging"
     shutil.rmtree(staging, ignore_errors=True)
+    # The Delta writes are independent of each other: they run in threads, as concurrent Spark jobs, so
+    # their fixed commit latency overlaps with the tile computation and with each other.
+    pool = ThreadPoolExecutor(max_workers=6, thread_name_prefix="migralake-write")
+    scenes_df = spark.createDataFrame([_scene_row(s) for s in scenes], spec("silver.settlement_scenes").schema)
+    pending = [pool.submit(lake.write, scenes_df, "silver.settlement_scenes", mode="overwrite")]
     with stage("remote_sensing.tiles") as st:
         parts = compute(spark, scene_pairs, rs, admin, str(staging)).persist(StorageLevel.MEMORY_AND_DISK)
         st.rows_out = parts.count()
@@ -305,31 +320,33 @@ def run(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         log.warning("pair %s left out of gold: %s", pid, detail)
     good = [(b, a) for b, a in scene_pairs if pair_id(b, a) not in failed]
 
-    scenes_df = spark.createDataFrame([_scene_row(s) for s in scenes], spec("silver.settlement_scenes").schema)
-    lake.write(scenes_df, "silver.settlement_scenes", mode="overwrite")
     q_rows = [_quarantine_row(r, "catalogue") for r in rejected] + [_quarantine_row(r, "tiling")
                                                                     for r in tiling_rejects]
-    lake.write(spark.createDataFrame(q_rows, spec("quarantine.settlement_scenes").schema),
-               "quarantine.settlement_scenes", mode="overwrite")
+    pending.append(pool.submit(lake.write, spark.createDataFrame(q_rows, spec("quarantine.settlement_scenes").schema),
+                               "quarantine.settlement_scenes", mode="overwrite"))
     written: dict[str, int] = {}
-    if good:
-        meta = spark.createDataFrame(
-            [(pair_id(b, a), b.area, date.fromisoformat(b.date), date.fromisoformat(a.date), b.sensor, a.sensor)
-             for b, a in good],
-            "pair_id string, area string, date_before date, date_after date, sensor_before string, sensor_after string")
-        scope = " OR ".join(f"(area = '{b.area}' AND date_before = DATE'{b.date}' AND date_after = DATE'{a.date}')"
-                            for b, a in good)
-        with stage("remote_sensing.gold") as st:
+    rasters: list[dict[str, Any]] = []
+    with stage("remote_sensing.gold") as st:
+        if good:
+            meta = spark.createDataFrame(
+                [(pair_id(b, a), b.area, date.fromisoformat(b.date), date.fromisoformat(a.date), b.sensor, a.sensor)
+                 for b, a in good],
+                "pair_id string, area string, date_before date, date_after date, sensor_before string, "
+                "sensor_after string")
+            scope = " OR ".join(f"(area = '{b.area}' AND date_before = DATE'{b.date}' AND date_after = "
+                                f"DATE'{a.date}')" for b, a in good)
             h3df = summarise(parts, meta, "h3").withColumn("h3_resolution", F.lit(rs.h3_resolution)) \
                 .withColumnRenamed("unit", "h3_index")
-            lake.write(lake.conform(h3df, "gold.settlement_change_h3"), "gold.settlement_change_h3",
-                       replace_where=f"({scope}) AND h3_resolution = {rs.h3_resolution}")
+            pending.append(pool.submit(lake.write, lake.conform(h3df, "gold.settlement_change_h3"),
+                                       "gold.settlement_change_h3",
+                                       replace_where=f"({scope}) AND h3_resolution = {rs.h3_resolution}"))
             levels = [lvl for lvl, _, _ in admin]
             if levels:
                 adf = summarise(parts, meta, "admin")
                 level_in = ", ".join(f"'{lvl}'" for lvl in levels)
-                lake.write(lake.conform(adf, "gold.settlement_change_admin"), "gold.settlement_change_admin",
-                           replace_where=f"({scope}) AND level IN ({level_in})")
+                pending.append(pool.submit(lake.write, lake.conform(adf, "gold.settlement_change_admin"),
+                                           "gold.settlement_change_admin",
+                                           replace_where=f"({scope}) AND level IN ({level_in})"))
             tiles = parts.filter(F.col("kind") == "tile").join(meta, on="pair_id", how="inner")
             detail = F.from_json("detail", "row_off int, col_off int, height int, width int")
             tiles = tiles.select("*", detail.alias("w")).select(
@@ -338,16 +355,19 @@ def run(spark: SparkSession, cfg: Config) -> dict[str, Any]:
                 F.col("w.width").alias("width"), "n_pixels", "n_pixels_valid", "n_outside_admin",
                 (F.col("n_pixels_valid") / F.col("n_pixels")).alias("valid_fraction"),
                 F.col("peak_rss_mb").alias("worker_peak_rss_mb"))
-            lake.write(lake.conform(tiles, "silver.settlement_tiles"), "silver.settlement_tiles",
-                       replace_where=scope)
-            written = {"pairs": len(good)}
-            st.rows_out = len(good)
-        with stage("remote_sensing.rasters"):
+            pending.append(pool.submit(lake.write, lake.conform(tiles, "silver.settlement_tiles"),
+                                       "silver.settlement_tiles", replace_where=scope))
             tasks = [(pair_id(b, a), json.dumps(asdict(b)), str(staging),
                       str(root / "settlement_change" / b.area / f"{b.date}_{a.date}")) for b, a in good]
-            rasters = spark.sparkContext.parallelize(tasks, len(tasks)).map(assemble).collect()
-    else:
-        rasters = []
+            cogs = pool.submit(lambda: spark.sparkContext.parallelize(tasks, len(tasks)).map(assemble).collect())
+            written = {"pairs": len(good)}
+            st.rows_out = len(good)
+        try:
+            for f in pending:
+                f.result()  # re-raises the first failed write
+            rasters = cogs.result() if good else []
+        finally:
+            pool.shutdown(wait=True)
     parts.unpersist()
     shutil.rmtree(staging, ignore_errors=True)
     summary = {"scenes": len(scenes), "rejected": len(rejected) + len(tiling_rejects), "pairs": len(scene_pairs),

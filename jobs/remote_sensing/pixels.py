@@ -284,8 +284,9 @@ def h3_index_fast(grid: Grid, window: Window, lon: np.ndarray, lat: np.ndarray, 
     for cell in candidates:
         ring = np.asarray(h3i.cell_to_boundary(cell))  # (lat, lng) pairs
         gx, gy = to_grid.transform(ring[:, 1], ring[:, 0])
-        px, py = inverse * (np.asarray(gx), np.asarray(gy))  # column, row in grid pixel space
-        px, py = np.asarray(px) - c0, np.asarray(py) - r0
+        gx, gy = np.asarray(gx), np.asarray(gy)  # column, row in grid pixel space:
+        px = inverse.a * gx + inverse.b * gy + inverse.c - c0
+        py = inverse.d * gx + inverse.e * gy + inverse.f - r0
         cmin, cmax = max(0, int(np.floor(px.min() - 0.5))), min(w, int(np.ceil(px.max() + 0.5)))
         rmin, rmax = max(0, int(np.floor(py.min() - 0.5))), min(h, int(np.ceil(py.max() + 0.5)))
         if cmin >= cmax or rmin >= rmax:
