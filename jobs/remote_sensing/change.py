@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import rasterio
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -240,31 +241,47 @@ def rasters_root(cfg: Config) -> Path:
     return Path(cfg.lakehouse.resolved_root()) / p
 
 
+def mosaic_vrt(grid: Grid, files: list[Path]) -> str:
+    """GDAL VRT XML placing each window file (named r<row>_c<col>.tif) at its offset in the grid,
+    with the class colour map and class names."""
+    from xml.sax.saxutils import escape
+
+    t = grid.transform
+    colours = {0: (0, 0, 0, 0), 1: (230, 230, 230, 255), 2: (120, 120, 120, 255), 3: (220, 30, 30, 255),
+               4: (30, 90, 220, 255)}
+    entries = "".join(f'<Entry c1="{r}" c2="{g}" c3="{b}" c4="{a}"/>' for r, g, b, a in colours.values())
+    meta = "".join(f'<MDI key="class_{k}">{escape(v)}</MDI>' for k, v in pixels.CLASS_NAMES.items())
+    sources = []
+    for f in files:
+        r, c = (int(x[1:]) for x in f.stem.split("_"))
+        with rasterio.open(f) as src:
+            w, h = src.width, src.height
+        sources.append(f'<SimpleSource><SourceFilename relativeToVRT="0">{escape(str(f))}</SourceFilename>'
+                       f'<SourceBand>1</SourceBand><SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
+                       f'<DstRect xOff="{c}" yOff="{r}" xSize="{w}" ySize="{h}"/></SimpleSource>')
+    return (f'<VRTDataset rasterXSize="{grid.width}" rasterYSize="{grid.height}">'
+            f"<SRS>{escape(grid.crs_wkt)}</SRS>"
+            f"<GeoTransform>{t[2]!r}, {t[0]!r}, {t[1]!r}, {t[5]!r}, {t[3]!r}, {t[4]!r}</GeoTransform>"
+            f'<VRTRasterBand dataType="Byte" band="1"><Metadata>{meta}</Metadata>'
+            f"<NoDataValue>{pixels.INVALID}</NoDataValue><ColorInterp>Palette</ColorInterp>"
+            f"<ColorTable>{entries}</ColorTable>{''.join(sources)}</VRTRasterBand></VRTDataset>")
+
+
 def assemble(task: tuple[str, str, str, str]) -> dict[str, Any]:
     """On an executor: window GeoTIFFs of one pair -> change.tif (COG) and quicklook.png."""
-    import rasterio
     import rasterio.shutil
-    from rasterio.windows import Window as W
 
     pid, scene_json, staging, out_dir = task
     grid = scene_from_json(scene_json).grid
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "change.partial.tif"
-    with rasterio.open(tmp, "w", driver="GTiff", width=grid.width, height=grid.height, count=1, dtype="uint8",
-                       crs=grid.crs_wkt, transform=grid.affine(), tiled=True, blockxsize=256, blockysize=256,
-                       compress="deflate", nodata=pixels.INVALID) as dst:
-        for f in sorted((Path(staging) / pid).glob("*.tif")):
-            with rasterio.open(f) as src:
-                r, c = f.stem.split("_")
-                dst.write(src.read(1), 1, window=W(int(c[1:]), int(r[1:]), src.width, src.height))
-        dst.write_colormap(1, {0: (0, 0, 0, 0), 1: (230, 230, 230, 255), 2: (120, 120, 120, 255),
-                               3: (220, 30, 30, 255), 4: (30, 90, 220, 255)})
-        dst.update_tags(1, **{f"class_{k}": v for k, v in pixels.CLASS_NAMES.items()})
+    # A VRT mosaics the window files without copying them; GDAL's COG driver then writes the tiled,
+    # compressed file with overviews in one pass.
+    vrt = out / "change.partial.vrt"
+    vrt.write_text(mosaic_vrt(grid, sorted((Path(staging) / pid).glob("*.tif"))), encoding="utf-8")
     cog = out / "change.tif"
-    rasterio.shutil.copy(tmp, cog, driver="COG", compress="DEFLATE", blocksize=256,
-                          overview_resampling="nearest")
-    tmp.unlink()
+    rasterio.shutil.copy(vrt, cog, driver="COG", compress="DEFLATE", blocksize=256, overview_resampling="nearest")
+    vrt.unlink()
     shutil.rmtree(Path(staging) / pid, ignore_errors=True)
     from jobs.remote_sensing import quicklook
 
