@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/run raster", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--megapixels", type=float, default=25.0, help="pixels per date, in millions (default 25)")
-    p.add_argument("--window", type=int, default=512, help="window side in pixels (default 512)")
+    p.add_argument("--window", type=int, default=1024, help="window side in pixels (default 1024)")
     p.add_argument("--workdir", default="build/bench/raster")
     args = p.parse_args(argv)
     configure_logging("INFO")

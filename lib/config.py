@@ -226,7 +226,7 @@ class RemoteSensingSettings(_Section):
     scene_dir: str | None = None  # or discover *.tif / band folders here (date from the name: YYYYMMDD)
     default_sensor: str = "landsat7_etm"  # sensor of discovered scenes
     sensors: dict[str, SensorProfile] = Field(default_factory=dict)
-    window_size: int = Field(512, ge=16, le=8192)  # pixels per side of one Spark task's window
+    window_size: int = Field(1024, ge=16, le=8192)  # pixels per side of one Spark task's window
     h3_resolution: int = Field(8, ge=0, le=15)
     admin_paths: dict[str, str] = Field(default_factory=dict)  # level name -> GeoJSON/GPKG path
     resampling: Literal["nearest", "bilinear", "cubic", "average"] = "bilinear"
