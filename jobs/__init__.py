@@ -23,6 +23,14 @@ JOBS: dict[str, tuple[str, str]] = {
         "jobs.remote_sensing.change",
         "Satellite scenes (two or more dates) -> settlement change per H3 cell and admin area (gold) + COG",
     ),
+    "social.ingest": (
+        "jobs.social.ingest",
+        "Post files (X API v2 JSON Lines or CSV) -> bronze.social_posts (pseudonymised) + quarantine",
+    ),
+    "social.sentiment": (
+        "jobs.social.sentiment",
+        "bronze.social_posts -> language, migration topic, place, sentiment (silver) -> series (gold)",
+    ),
     "release": (
         "jobs.release",
         "Guard a gold table and export it: exports.<type>, files + manifest, audit.releases",

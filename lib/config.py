@@ -244,6 +244,35 @@ class RemoteSensingSettings(_Section):
         return self
 
 
+class SocialInput(_Section):
+    """One set of post files: JSON Lines in the X/Twitter API v2 shape, or CSV through a column mapping."""
+
+    path: str  # a file, a folder or a glob
+    format: Literal["jsonl", "csv"] = "jsonl"
+
+
+class SocialSettings(_Section):
+    """Social-media posts -> migration sentiment series (jobs/social)."""
+
+    inputs: list[SocialInput] = Field(default_factory=list)
+    column_mapping: dict[str, str] = Field(default_factory=dict)  # CSV: our name -> your column name
+    keywords_path: str = "conf/social_keywords.yaml"  # migration terms per language (relative to project root)
+    exclude_retweets: bool = True  # flagged either way; excluded from counts when true
+    exclude_duplicates: bool = True
+    text_retention_days: int = Field(30, ge=0)  # post text is erased from bronze after this many days (0: at once
+    # after scoring); Delta files holding it are vacuumed with the same retention
+    admin_paths: dict[str, str] = Field(default_factory=dict)  # empty: the CDR boundaries
+    spatial_unit: str = "admin1"  # an admin level name or "h3_<resolution>"
+    nearest_area_max_km: float = Field(5.0, ge=0)
+    language_detector: Literal["py3langid"] = "py3langid"  # offline, model inside the wheel
+    model: str = "cardiffnlp/twitter-xlm-roberta-base-sentiment"  # hub id or local directory
+    label_map: dict[str, str] = Field(default_factory=dict)  # model label -> negative/neutral/positive
+    batch_size: int = Field(64, ge=1, le=4096)
+    torch_threads: int = Field(1, ge=1, le=256)  # per Python worker; workers = Spark task slots
+    quantize: bool = False  # int8 dynamic quantisation of linear layers (check label agreement first)
+    event_date: date | None = None  # marked on the quick-look chart
+
+
 class PrivacySettings(_Section):
     """Where the disclosure-control policy lives and which of its profiles applies."""
 
@@ -267,10 +296,12 @@ class DemoSettings(_Section):
     displaced_share: float = Field(0.3, ge=0, le=1)
     bad_row_share: float = Field(0.01, ge=0, le=0.5)
     input_dir: str = "build/demo-inputs"  # raw synthetic inputs live outside the lakehouse
-    pipelines: list[Literal["cdr", "remote_sensing"]] = Field(
-        default_factory=lambda: ["cdr", "remote_sensing"])  # which pipelines the demo runs
+    pipelines: list[Literal["cdr", "remote_sensing", "social"]] = Field(
+        default_factory=lambda: ["cdr", "remote_sensing", "social"])  # which pipelines the demo runs
     raster_scene: str | None = "../shared/data/rasters/L7_ETMs.tif"  # first date when present
     raster_synthetic_size: int = Field(600, ge=64, le=100_000)  # px per side without the real scene
+    n_authors: int = Field(3000, ge=10)  # synthetic social-media authors
+    posts_per_author: float = Field(4.0, gt=0)
 
 
 class Config(_Section):
@@ -283,6 +314,7 @@ class Config(_Section):
     pseudonym: PseudonymSettings = Field(default_factory=PseudonymSettings)
     cdr: CdrSettings = Field(default_factory=CdrSettings)
     remote_sensing: RemoteSensingSettings = Field(default_factory=RemoteSensingSettings)
+    social: SocialSettings = Field(default_factory=SocialSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     demo: DemoSettings = Field(default_factory=DemoSettings)
 

@@ -736,3 +736,122 @@ SETTLEMENT_CHANGE_ADMIN = _reg(
     keys=("area", "date_before", "date_after", "level", "unit"),
     constraints=_CHANGE_CHECKS,
 )
+
+# --- Social media ------------------------------------------------------------------------
+
+SOCIAL_POSTS = _reg(
+    name="bronze.social_posts",
+    schema=_fields(
+        ("post_key", S, False),
+        ("author_key", S, False),
+        ("created_at", TS, False),
+        ("date", D, False),
+        ("text", S, True),
+        ("lang_field", S, True),
+        ("longitude", DBL, True),
+        ("latitude", DBL, True),
+        ("place_kind", S, True),
+        ("is_retweet", B, False),
+        ("is_duplicate", B, False),
+        ("source_file", S, False),
+        ("line_number", L, False),
+        ("ingested_at", TS, False),
+        ("text_erased_at", TS, True),
+    ),
+    description="Accepted posts. post_key and author_key are keyed HMAC-SHA256 pseudonyms of the post and author "
+    "ids. text lives only here and is erased after social.text_retention_days (text_erased_at). is_retweet / "
+    "is_duplicate flag retweets and exact duplicates (same post, or same author and text).",
+    source="social",
+    owner_job="social.ingest",
+    partition_by=("date",),
+    period_column="date",
+    keys=("post_key",),
+    constraints={"author_is_pseudonym": "author_key RLIKE '^[0-9a-f]{64}$'",
+                 "post_is_pseudonym": "post_key RLIKE '^[0-9a-f]{64}$'"},
+    # No min/max statistics of the text in the Delta log: the log outlives the erased files.
+    properties={"delta.dataSkippingStatsColumns": "post_key,author_key,created_at,"
+                "ingested_at"},
+)
+
+SOCIAL_QUARANTINE = _reg(
+    name="quarantine.social_posts",
+    schema=_fields(
+        ("source_file", S, False),
+        ("line_number", L, False),
+        ("reason", S, False),
+        ("detail", S, True),
+        ("ingested_at", TS, False),
+    ),
+    description="Post lines that could not be used (file, line number, reason; never the line itself: it may hold "
+    "raw ids and text).",
+    source="social",
+    owner_job="social.ingest",
+)
+
+SOCIAL_SILVER = _reg(
+    name="silver.social_posts",
+    schema=_fields(
+        ("post_key", S, False),
+        ("author_key", S, False),
+        ("created_at", TS, False),
+        ("date", D, False),
+        ("week_start", D, False),
+        ("language", S, False),
+        ("language_source", S, False),
+        ("on_topic", B, False),
+        ("topic_terms", T.ArrayType(S, False), False),
+        ("topic_lists", T.ArrayType(S, False), False),
+        ("h3_index", S, True),
+        ("spatial_unit", S, False),
+        ("region", S, True),
+        ("place_status", S, False),
+        ("counted", B, False),
+        ("sentiment", S, True),
+        ("sentiment_prob", DBL, True),
+        ("p_negative", DBL, True),
+        ("p_neutral", DBL, True),
+        ("p_positive", DBL, True),
+        ("score", DBL, True),
+        ("model_name", S, True),
+        ("model_hash", S, True),
+    ),
+    description="Posts without text: language (field or detected), migration topic (matched terms), place "
+    "(H3, region; null when the post has none), sentiment of on-topic posts (label, probability, "
+    "p_positive - p_negative score) with the model name and a SHA-256 of its weights. counted is false for "
+    "retweets and duplicates when they are excluded.",
+    source="social",
+    owner_job="social.sentiment",
+    partition_by=("date",),
+    period_column="date",
+    keys=("post_key",),
+    constraints={"author_is_pseudonym": "author_key RLIKE '^[0-9a-f]{64}$'",
+                 "scored_when_on_topic": "NOT on_topic OR sentiment IS NOT NULL"},
+)
+
+SOCIAL_GOLD = _reg(
+    name="gold.social_sentiment",
+    schema=_fields(
+        ("period", S, False),
+        ("period_start", D, False),
+        ("spatial_unit", S, False),
+        ("region", S, False),
+        ("language", S, False),
+        ("n_posts", L, False),
+        ("n_users", L, False),
+        ("share_negative", DBL, False),
+        ("share_neutral", DBL, False),
+        ("share_positive", DBL, False),
+        ("mean_score", DBL, False),
+        ("n_posts_all", L, False),
+        ("posts_per_10k", DBL, False),
+    ),
+    description="Migration sentiment series per period (day, ISO week) x region x language ('all' = every "
+    "language), and national (region 'national', every post incl. those without a place): on-topic posts, "
+    "distinct authors (n_users), shares of negative / neutral / positive, mean p_positive - p_negative, all "
+    "counted posts of the group (n_posts_all) and on-topic posts per 10,000 of them (volume-normalised).",
+    source="social",
+    owner_job="social.sentiment",
+    period_column="period_start",
+    keys=("period", "period_start", "spatial_unit", "region", "language"),
+    constraints={"users_positive": "n_users > 0", "users_at_most_posts": "n_users <= n_posts"},
+)

@@ -1,0 +1,1 @@
+"""Social-media pipeline: posts -> migration sentiment series."""

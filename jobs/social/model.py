@@ -1,0 +1,177 @@
+"""Sentiment classifiers: load a Hugging Face sequence-classification model and score texts.
+
+One loading path serves every model: a hub id (production default
+``cardiffnlp/twitter-xlm-roberta-base-sentiment``, needs the hub or its cache) or
+a local transformers model directory (the offline default, built by
+``jobs/social/train_model.py`` from the all-MiniLM-L6-v2 encoder). The model's
+own ``config.id2label`` is mapped to negative / neutral / positive; a model
+whose labels carry no such names needs ``social.label_map`` in conf/.
+
+``Scorer`` is what Spark executors hold: one per Python worker (see
+``scorer_for``), scoring a batch sorted by token length, truncated to the
+model's maximum, with ``torch.inference_mode``.
+
+Reads and writes no tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lib.config import PROJECT_ROOT
+
+LABELS = ("negative", "neutral", "positive")
+OFFLINE_DEFAULT = "models/sentiment-minilm-umsab"
+_SYNONYMS = {
+    "negative": "negative", "neg": "negative", "0": "negative",
+    "neutral": "neutral", "neu": "neutral", "1": "neutral",
+    "positive": "positive", "pos": "positive", "2": "positive",
+}
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be loaded or whose labels cannot be mapped; the message says why."""
+
+
+def resolve(name: str) -> str:
+    """A local directory (absolute, or relative to the project root) or else the hub id as given."""
+    p = Path(name)
+    if p.is_absolute():
+        return str(p)
+    local = PROJECT_ROOT / p
+    if local.exists() or name.startswith(("models/", "./", "../")):
+        return str(local)
+    return name
+
+
+def weights_hash(name: str) -> str:
+    """SHA-256 over the model's weight files (sorted by name); identifies exactly what scored a row."""
+    path = Path(resolve(name))
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(name, local_files_only=True))
+        except Exception as exc:  # noqa: BLE001 - hub errors come in many types
+            raise ModelError(f"model {name}: not a local directory and not in the Hugging Face cache "
+                             f"({exc}); download it where the hub is reachable, or name a local directory") from None
+    files = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
+    if not files:
+        raise ModelError(f"model {name}: no weight files (*.safetensors, *.bin) in {path}")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def label_order(id2label: dict[int, str], label_map: dict[str, str] | None = None) -> list[int]:
+    """Indices of the model's outputs for negative, neutral, positive (neutral may be -1 when absent)."""
+    label_map = {str(k).lower(): v for k, v in (label_map or {}).items()}
+    found: dict[str, int] = {}
+    for idx, raw in sorted(id2label.items()):
+        name = str(raw).strip().lower()
+        ours = label_map.get(name) or _SYNONYMS.get(name)
+        if ours is None:
+            raise ModelError(f"model label {idx} '{raw}' is not negative/neutral/positive; map the model's labels "
+                             f"with social.label_map (e.g. {{'{raw}': 'negative'}}); labels: {id2label}")
+        if ours not in LABELS:
+            raise ModelError(f"social.label_map maps '{raw}' to '{ours}'; expected one of {LABELS}")
+        if ours in found:
+            raise ModelError(f"model labels {found[ours]} and {idx} both map to {ours}: {id2label}")
+        found[ours] = idx
+    if "negative" not in found or "positive" not in found:
+        raise ModelError(f"model labels {id2label} give no negative and positive class")
+    return [found["negative"], found.get("neutral", -1), found["positive"]]
+
+
+@dataclass
+class Scores:
+    label: np.ndarray  # object: negative / neutral / positive
+    prob: np.ndarray  # probability of that label
+    p_negative: np.ndarray
+    p_neutral: np.ndarray
+    p_positive: np.ndarray
+
+
+class Scorer:
+    """A loaded tokenizer + model; ``score`` classifies a list of texts in length-sorted batches."""
+
+    def __init__(self, name: str, label_map: dict[str, str] | None = None, threads: int | None = None,
+                 quantize: bool = False) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        where = resolve(name)
+        local = Path(where).is_dir()
+        if not local and (where.startswith("/") or name.startswith(("models/", "./", "../"))):
+            raise ModelError(f"model directory {where} does not exist"
+                             + (" (build it with bin/train-sentiment-model)" if name == OFFLINE_DEFAULT else ""))
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local or None)
+            model = AutoModelForSequenceClassification.from_pretrained(where, local_files_only=local or None)
+        except OSError as exc:
+            raise ModelError(f"model {name}: cannot load a sequence-classification model ({exc})") from None
+        model.eval()
+        if quantize:
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        self.model = model
+        self.name = name
+        self.order = label_order(model.config.id2label, label_map)
+        limit = getattr(self.tokenizer, "model_max_length", None) or 512
+        positions = getattr(model.config, "max_position_embeddings", None) or limit
+        # RoBERTa-style position ids start after the padding index: two fewer usable positions.
+        self.max_length = int(min(limit, positions - (2 if model.config.model_type in ("roberta", "xlm-roberta") else 0)))
+
+    def score(self, texts: list[str], batch_size: int = 64) -> Scores:
+        import torch
+
+        n = len(texts)
+        probs = np.zeros((n, 3), dtype=np.float64)
+        if n:
+            enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, add_special_tokens=True)
+            lengths = np.array([len(ids) for ids in enc["input_ids"]])
+            order = np.argsort(lengths, kind="stable")  # similar lengths share a batch: little padding
+            with torch.inference_mode():
+                for start in range(0, n, batch_size):
+                    idx = order[start:start + batch_size]
+                    batch = self.tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc},
+                                               return_tensors="pt")
+                    logits = self.model(**batch).logits.float()
+                    p = torch.softmax(logits, dim=-1).numpy()
+                    for j, col in enumerate(self.order):
+                        if col >= 0:
+                            probs[idx, j] = p[:, col]
+        best = probs.argmax(axis=1)
+        return Scores(label=np.array(LABELS, dtype=object)[best], prob=probs[np.arange(n), best],
+                      p_negative=probs[:, 0], p_neutral=probs[:, 1], p_positive=probs[:, 2])
+
+
+_CACHE: dict[tuple, Scorer] = {}
+_LOCK = threading.Lock()
+
+
+def scorer_for(name: str, label_map: dict[str, str] | None = None, threads: int | None = None,
+               quantize: bool = False) -> Scorer:
+    """The worker's scorer for this model, loaded on first use and kept for the worker's life."""
+    key = (resolve(name), tuple(sorted((label_map or {}).items())), threads, quantize, os.getpid())
+    with _LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = Scorer(name, label_map, threads, quantize)
+        return _CACHE[key]
+
+
+def loads_counter() -> dict[str, Any]:
+    """How many models this process has loaded (tests check one load per worker)."""
+    return {"loaded": len(_CACHE), "pid": os.getpid()}

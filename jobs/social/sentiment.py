@@ -1,0 +1,307 @@
+"""Social-media sentiment: bronze.social_posts -> silver.social_posts (no text) -> gold.social_sentiment.
+
+Reads: ``bronze.social_posts`` (posts of the period whose text is still held),
+the migration terms of ``social.keywords_path``, admin boundaries
+(``social.admin_paths``, else ``cdr.admin_paths``) and the model ``social.model``.
+Writes: ``silver.social_posts`` (upsert by post), ``gold.social_sentiment``
+(recomputed from silver), then erases post text older than
+``social.text_retention_days`` from bronze (and vacuums the files that held it).
+
+Everything per post runs on executors through Arrow batches (``mapInPandas``):
+language (the post's field, else py3langid: offline, its model ships in the
+wheel, 97 languages, ~1 ms a post), migration terms (word boundaries, case- and
+accent-insensitive), place (coordinates or place centre -> H3 and admin area),
+and sentiment of on-topic posts with the transformers model, loaded once per
+Python worker and applied to length-sorted batches. No text leaves the task.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from jobs.social import model as models
+from lib import geo
+from lib.config import PROJECT_ROOT, Config, ConfigError
+from lib.runtime import log, stage
+from lib.tables import Lakehouse, spec
+
+DESCRIPTION = "bronze.social_posts -> language, migration topic, place, sentiment (silver) -> series (gold)"
+
+_MARKS = re.compile("[\u0300-\u036f\u064b-\u065f\u0670\u0640]")  # Latin accents, Arabic diacritics, tatweel
+_ALEF = str.maketrans({"أ": "ا", "إ": "ا", "آ": "ا", "ٱ": "ا", "ى": "ي", "’": "'", "‘": "'", "ʼ": "'"})
+_WORD = r"[\w\u0900-\u097f]"  # letters, digits, _ and Devanagari (its vowel signs are marks, not \w)
+_ARABIC = re.compile("[\u0600-\u06ff]")
+_PROCLITIC = "[\u0648\u0641\u0628\u0644\u0643]"  # و ف ب ل ك
+_URL = re.compile(r"https?://\S+|www\.\S+")
+_MENTION = re.compile(r"(?<!\w)@\w+")
+
+
+def normalise(text: str) -> str:
+    """Case-folded, Latin accents and Arabic diacritics removed (Devanagari kept as written)."""
+    t = unicodedata.normalize("NFKD", text.casefold())
+    return unicodedata.normalize("NFC", _MARKS.sub("", t)).translate(_ALEF)
+
+
+class Matcher:
+    """Migration terms of every list, matched on word boundaries in normalised text."""
+
+    def __init__(self, terms: dict[str, list[str]]) -> None:
+        self.lists: dict[str, list[str]] = {}
+        for lang, words in terms.items():
+            for w in words:
+                self.lists.setdefault(normalise(str(w)).strip(), []).append(str(lang))
+        arabic = sorted((t for t in self.lists if _ARABIC.search(t)), key=len, reverse=True)
+        other = sorted((t for t in self.lists if not _ARABIC.search(t)), key=len, reverse=True)
+        # Arabic attaches conjunctions and prepositions to the word (wa-, fa-, bi-, li-, ka-): allow up to two.
+        self.patterns = [re.compile(f"(?<!{_WORD})(?:{prefix})({'|'.join(map(re.escape, alts))})(?!{_WORD})")
+                         for prefix, alts in (("", other), (f"{_PROCLITIC}{{0,2}}", arabic)) if alts]
+
+    def match(self, text: str) -> tuple[list[str], list[str]]:
+        norm = normalise(text)
+        found = list(dict.fromkeys(m.group(1) for p in self.patterns for m in p.finditer(norm)))
+        lists = sorted({lang for term in found for lang in self.lists[term]})
+        return found, lists
+
+
+def load_terms(path: str) -> dict[str, list[str]]:
+    p = Path(path) if Path(path).is_absolute() else PROJECT_ROOT / path
+    if not p.exists():
+        raise ConfigError(f"social.keywords_path: {p} not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, list) and v for v in data.values()):
+        raise ConfigError(f"{p}: expected a mapping of language -> non-empty list of terms")
+    return {str(k): [str(t) for t in v] for k, v in data.items()}
+
+
+def for_model(text: str) -> str:
+    """The usual Twitter preprocessing of sentiment models: links and mentions become placeholders."""
+    return _MENTION.sub("@user", _URL.sub("http", text))
+
+
+@lru_cache(maxsize=1)
+def _langid():  # type: ignore[no-untyped-def]
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
+def detect_languages(texts: list[str]) -> list[str]:
+    ident = _langid()
+    return [ident.classify(t)[0] for t in texts]
+
+
+# ----------------------------------------------------------------------------- executor side
+
+
+def posts_to_silver(batches: Iterator[pd.DataFrame], *, terms: dict[str, list[str]], boundaries: dict,
+                    unit: str, h3_res: int, max_km: float, model_name: str, model_hash: str,
+                    label_map: dict[str, str], batch_size: int, threads: int, quantize: bool,
+                    exclude_retweets: bool, exclude_duplicates: bool) -> Iterator[pd.DataFrame]:
+    matcher = Matcher(terms)
+    for df in batches:
+        if df.empty:
+            continue
+        texts = df["text"].astype(str).tolist()
+        out = pd.DataFrame({"post_key": df["post_key"], "author_key": df["author_key"],
+                            "created_at": df["created_at"], "date": df["date"]})
+        out["week_start"] = (pd.to_datetime(df["date"]) - pd.to_timedelta(pd.to_datetime(df["date"]).dt.weekday,
+                                                                          unit="D")).dt.date
+        field = df["lang_field"].where(df["lang_field"].notna(), None)
+        missing = field.isna().to_numpy()
+        lang = field.astype(object).to_numpy().copy()
+        if missing.any():
+            lang[missing] = detect_languages([texts[i] for i in np.flatnonzero(missing)])
+        out["language"] = [str(x).lower().split("-")[0] for x in lang]
+        out["language_source"] = np.where(missing, "detected", "field")
+        matches = [matcher.match(t) for t in texts]
+        out["topic_terms"] = [m[0] for m in matches]
+        out["topic_lists"] = [m[1] for m in matches]
+        out["on_topic"] = [bool(m[0]) for m in matches]
+        # place
+        has = df["longitude"].notna() & df["latitude"].notna()
+        out["h3_index"] = None
+        out["region"] = None
+        out["place_status"] = np.where(has, "placed", "none")
+        if has.any():
+            pts = pd.DataFrame({"longitude": df.loc[has, "longitude"].astype(float),
+                                "latitude": df.loc[has, "latitude"].astype(float)})
+            out.loc[has, "h3_index"] = geo.h3_cells(pts["latitude"].to_numpy(), pts["longitude"].to_numpy(), h3_res)
+            if unit.startswith("h3_"):
+                out.loc[has, "region"] = out.loc[has, "h3_index"]
+            else:
+                placed = geo.assign_areas(pts, boundaries, max_km)
+                out.loc[has, "region"] = placed[unit].to_numpy()
+                outside = has.copy()
+                outside[has] = placed[unit].isna().to_numpy()
+                out.loc[outside, "place_status"] = "outside_areas"
+        out["spatial_unit"] = unit
+        counted = np.ones(len(df), dtype=bool)
+        if exclude_retweets:
+            counted &= ~df["is_retweet"].astype(bool).to_numpy()
+        if exclude_duplicates:
+            counted &= ~df["is_duplicate"].astype(bool).to_numpy()
+        out["counted"] = counted
+        for c in ("sentiment", "model_name", "model_hash"):
+            out[c] = None
+        for c in ("sentiment_prob", "p_negative", "p_neutral", "p_positive", "score"):
+            out[c] = np.nan
+        idx = np.flatnonzero(out["on_topic"].to_numpy())
+        if len(idx):
+            scorer = models.scorer_for(model_name, label_map, threads, quantize)
+            s = scorer.score([for_model(texts[i]) for i in idx], batch_size=batch_size)
+            rows = out.index[idx]
+            out.loc[rows, "sentiment"] = s.label
+            out.loc[rows, "sentiment_prob"] = s.prob
+            out.loc[rows, "p_negative"] = s.p_negative
+            out.loc[rows, "p_neutral"] = s.p_neutral
+            out.loc[rows, "p_positive"] = s.p_positive
+            out.loc[rows, "score"] = s.p_positive - s.p_negative
+            out.loc[rows, "model_name"] = model_name
+            out.loc[rows, "model_hash"] = model_hash
+        yield out
+
+
+# ----------------------------------------------------------------------------- gold
+
+
+def series(silver: DataFrame) -> DataFrame:
+    """Sentiment series per period x region x language (+ 'all') and national, from counted posts."""
+    base = silver.filter("counted")
+    frames = []
+    for period, col in (("day", "date"), ("week", "week_start")):
+        for regional in (True, False):
+            for by_lang in (True, False):
+                df = base.filter(F.col("region").isNotNull()) if regional else base
+                keys = [F.lit(period).alias("period"), F.col(col).alias("period_start"),
+                        (F.col("spatial_unit") if regional else F.lit("national")).alias("spatial_unit"),
+                        (F.col("region") if regional else F.lit("national")).alias("region"),
+                        (F.col("language") if by_lang else F.lit("all")).alias("language")]
+                agg = df.groupBy(*keys).agg(
+                    F.sum(F.col("on_topic").cast("long")).alias("n_posts"),
+                    F.countDistinct(F.when(F.col("on_topic"), F.col("author_key"))).alias("n_users"),
+                    F.sum(F.when(F.col("sentiment") == "negative", 1).otherwise(0)).alias("_neg"),
+                    F.sum(F.when(F.col("sentiment") == "neutral", 1).otherwise(0)).alias("_neu"),
+                    F.sum(F.when(F.col("sentiment") == "positive", 1).otherwise(0)).alias("_pos"),
+                    F.avg(F.when(F.col("on_topic"), F.col("score"))).alias("mean_score"),
+                    F.count("*").alias("n_posts_all"),
+                )
+                frames.append(agg)
+    out = frames[0]
+    for f in frames[1:]:
+        out = out.unionByName(f)
+    return (out.filter(F.col("n_posts") > 0)
+            .select("period", "period_start", "spatial_unit", "region", "language", "n_posts", "n_users",
+                    (F.col("_neg") / F.col("n_posts")).alias("share_negative"),
+                    (F.col("_neu") / F.col("n_posts")).alias("share_neutral"),
+                    (F.col("_pos") / F.col("n_posts")).alias("share_positive"),
+                    "mean_score", "n_posts_all",
+                    (F.col("n_posts") / F.col("n_posts_all") * 10_000.0).alias("posts_per_10k")))
+
+
+# ----------------------------------------------------------------------------- retention
+
+
+def erase_expired_text(lake: Lakehouse, days: int) -> int:
+    """Erase the text of scored posts ingested more than ``days`` ago; vacuum the files that held it."""
+    from delta.tables import DeltaTable
+
+    name = "bronze.social_posts"
+    if not lake.exists(name) or not lake.exists("silver.social_posts"):
+        return 0
+    path = lake.location(name)
+    cutoff = pd.Timestamp.now(tz="UTC").tz_convert(None) - pd.Timedelta(days=days)
+    scored = lake.read("silver.social_posts").select("post_key").distinct()
+    bronze = lake.read(name)
+    expired = (bronze.filter(F.col("text").isNotNull() & (F.col("ingested_at") <= F.lit(cutoff.to_pydatetime())))
+               .join(scored, "post_key", "left_semi").select("post_key").distinct())
+    n = expired.count()
+    if n:
+        table = DeltaTable.forPath(lake.spark, path)
+        (table.alias("b").merge(expired.alias("e"), "b.post_key = e.post_key")
+         .whenMatchedUpdate(set={"text": F.lit(None).cast("string"), "text_erased_at": F.current_timestamp()})
+         .execute())
+        check = lake.spark.conf.get("spark.databricks.delta.retentionDurationCheck.enabled", "true")
+        lake.spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
+        try:
+            table.vacuum(retentionHours=float(days * 24))
+        finally:
+            lake.spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", check)
+        log.info("social: erased the text of %d posts ingested before %s and vacuumed %s", n, cutoff, name)
+    return n
+
+
+# ----------------------------------------------------------------------------- job
+
+
+def score(spark: SparkSession, cfg: Config) -> dict[str, Any]:
+    social = cfg.social
+    lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
+    if not lake.exists("bronze.social_posts"):
+        raise ConfigError("bronze.social_posts does not exist yet: run social.ingest first")
+    unit = social.spatial_unit
+    paths = social.admin_paths or cfg.cdr.admin_paths
+    if unit.startswith("h3_"):
+        try:
+            h3_res = int(unit[3:])
+        except ValueError:
+            raise ConfigError(f"social.spatial_unit '{unit}': expected an admin level or h3_<0-15>") from None
+        boundaries: dict = {}
+    else:
+        if unit not in paths:
+            raise ConfigError(f"social.spatial_unit '{unit}' is not an admin level of social.admin_paths / "
+                              f"cdr.admin_paths ({sorted(paths)})")
+        boundaries = {unit: geo.read_boundaries(paths[unit], unit)}
+        h3_res = cfg.cdr.h3_resolution
+    terms = load_terms(social.keywords_path)
+    model_hash = models.weights_hash(social.model)
+    bronze = lake.read("bronze.social_posts").filter(F.col("text").isNotNull())
+    if cfg.period.start and cfg.period.end:
+        bronze = bronze.filter(F.col("date").between(F.lit(cfg.period.start), F.lit(cfg.period.end)))
+    silver_schema = spec("silver.social_posts").schema
+    kw = dict(terms=terms, boundaries=boundaries, unit=unit, h3_res=h3_res, max_km=social.nearest_area_max_km,
+              model_name=social.model, model_hash=model_hash, label_map=dict(social.label_map),
+              batch_size=social.batch_size, threads=social.torch_threads, quantize=social.quantize,
+              exclude_retweets=social.exclude_retweets, exclude_duplicates=social.exclude_duplicates)
+    with stage("social.sentiment -> silver.social_posts") as st:
+        posts = bronze.select("post_key", "author_key", "created_at", "date", "text", "lang_field", "longitude",
+                              "latitude", "is_retweet", "is_duplicate")
+        slots = spark.sparkContext.defaultParallelism
+        posts = posts.repartition(max(slots, 1) * 2, "post_key")
+        silver = posts.mapInPandas(lambda it: posts_to_silver(it, **kw), schema=silver_schema)
+        if lake.exists("silver.social_posts"):
+            res = lake.merge(silver, "silver.social_posts")
+        else:
+            res = lake.write(silver, "silver.social_posts")
+        st.rows_out = res.rows_written
+    with stage("social.sentiment -> gold.social_sentiment") as st:
+        gold = series(lake.read("silver.social_posts"))
+        res = lake.write(lake.conform(gold, "gold.social_sentiment"), "gold.social_sentiment")
+        st.rows_out = res.rows_written
+    erased = erase_expired_text(lake, social.text_retention_days)
+    s = lake.read("silver.social_posts").agg(
+        F.count("*").alias("posts"), F.sum(F.col("on_topic").cast("int")).alias("on_topic"),
+        F.sum((F.col("on_topic") & F.col("counted")).cast("int")).alias("counted_on_topic"),
+        F.sum((F.col("region").isNotNull()).cast("int")).alias("placed")).first().asDict()
+    s.update({"model": social.model, "model_hash": model_hash, "text_erased": erased})
+    log.info("social.sentiment: %s", s)
+    return s
+
+
+def run(spark: SparkSession, cfg: Config) -> int:
+    print(json.dumps(score(spark, cfg), indent=2, default=str))
+    return 0

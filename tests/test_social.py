@@ -1,0 +1,283 @@
+"""Social-media pipeline: parsing and quarantine, flags, topic matching, the transformers path, the planted
+sentiment shift, and no text or raw author id outside bronze."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from pyspark.sql import functions as F
+
+from jobs.demo import cdr_synth, social_synth
+from jobs.social import ingest, sentiment
+from jobs.social import model as models
+from lib.config import PROJECT_ROOT, SocialInput, load_config
+from lib.privacy.pseudonym import pseudonymise_values
+from lib.tables import Lakehouse
+
+KEY = "test-key-0123456789abcdef0123456789"
+START, DAYS, EVENT_DAY = date(2024, 3, 4), 28, 14
+OFFLINE = PROJECT_ROOT / models.OFFLINE_DEFAULT
+needs_offline_model = pytest.mark.skipif(
+    not (OFFLINE / "model.safetensors").exists(),
+    reason=f"{OFFLINE} not built (bin/setup builds it when ../shared/data/sentiment/umsab is present)")
+
+CSV_ROWS = [  # (line, tweet_id, body, user, time, lon, lat) -- mapped through social.column_mapping
+    "tweet_id,body,user,time,lon,lat",
+    "9001,Refugees welcomed at the town hall today,555000111,2024-03-05T09:00:00Z,30.4,-0.5",
+    "9002,too,many,fields,here,2024-03-05T09:00:00Z,1,2",
+    "9003,Migrants at the border,555000112,2023-01-01T00:00:00Z,,",
+    "9004,,555000113,2024-03-06T09:00:00Z,,",
+]
+
+
+def tiny_model(path: Path, id2label: dict[int, str]) -> Path:
+    """A randomly initialised 2-layer BERT classifier with the MiniLM tokenizer, saved as a model directory."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from jobs.social.train_model import encoder_dir
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=64, num_labels=len(id2label),
+                        id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    BertForSequenceClassification(config).save_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(encoder_dir(), local_files_only=True)
+    tok.model_max_length = 64
+    tok.save_pretrained(path)
+    return path
+
+
+def configure(tmp: Path, model: str, inputs: list[SocialInput], retention: int = 30, **social):  # type: ignore[no-untyped-def]
+    for lvl in ("admin1", "admin2"):
+        (tmp / f"{lvl}.geojson").write_text(json.dumps(cdr_synth.admin_geojson(lvl)))
+    cfg = load_config(overrides=[f"lakehouse.root={tmp / 'lake'}", "period.start=2024-03-04",
+                                 "period.end=2024-03-31"], env={"MIGRALAKE_PSEUDONYM_KEY": KEY})
+    s = cfg.social.model_copy(update={"inputs": inputs, "model": model, "text_retention_days": retention,
+                                      "admin_paths": {"admin1": str(tmp / "admin1.geojson")},
+                                      "column_mapping": {"id": "tweet_id", "text": "body", "author_id": "user",
+                                                         "created_at": "time", "longitude": "lon",
+                                                         "latitude": "lat"}, **social})
+    return cfg.model_copy(update={"social": s})
+
+
+@pytest.fixture(scope="module")
+def world(spark, tmp_path_factory, monkeypatch_module):  # type: ignore[no-untyped-def]
+    if not (OFFLINE / "model.safetensors").exists():
+        pytest.skip(f"{OFFLINE} not built (bin/setup builds it from ../shared/data/sentiment/umsab)")
+    tmp = tmp_path_factory.mktemp("social")
+    truth = social_synth.generate(tmp / "synth", seed=11, n_authors=600, posts_per_author=4.0, start=START,
+                                  n_days=DAYS, event_day=EVENT_DAY)
+    (tmp / "csv").mkdir()
+    (tmp / "csv" / "posts.csv").write_bytes("\n".join(CSV_ROWS).encode() + b"\n"
+                                            + b"9005,caf\xe9 migrants,555000114,2024-03-07T09:00:00Z,,\n")
+    cfg = configure(tmp, models.OFFLINE_DEFAULT, [SocialInput(path=str(tmp / "synth" / "posts")),
+                                                  SocialInput(path=str(tmp / "csv"), format="csv")])
+    monkeypatch_module.setenv("MIGRALAKE_PSEUDONYM_KEY", KEY)
+    summary = ingest.ingest(spark, cfg)
+    scored = sentiment.score(spark, cfg)
+    lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
+    return cfg, truth, lake, summary, scored, tmp
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():  # type: ignore[no-untyped-def]
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_parsing_and_every_quarantine_reason(world) -> None:  # type: ignore[no-untyped-def]
+    cfg, truth, lake, summary, _, _ = world
+    q = lake.read("quarantine.social_posts").toPandas()
+    reasons = q["reason"].value_counts().to_dict()
+    expected = dict(truth["bad_lines"])
+    expected.update({"bad_csv_row": 1, "outside_period": 1, "missing_text": 2, "invalid_utf8": 2})
+    assert reasons == expected
+    assert set(ingest.REASONS) == set(expected)
+    row = q[q["reason"] == "bad_csv_row"].iloc[0]
+    assert row["source_file"].endswith("posts.csv") and row["line_number"] == 3
+    assert q[q["reason"] == "bad_json"]["detail"].str.contains("column").all()
+    # rows in = accepted + quarantined; every good JSON post and the one good CSV row reach bronze
+    n_good = truth["posts"] + truth["retweets"] + truth["duplicates"] + 1
+    assert summary["accepted"] == n_good == lake.read("bronze.social_posts").count()
+    assert summary["rows_in"] == n_good + len(q)
+    bronze = lake.read("bronze.social_posts").toPandas()
+    csv_post = bronze[bronze["source_file"].str.endswith("posts.csv")].iloc[0]
+    assert csv_post["place_kind"] == "point" and (csv_post["longitude"], csv_post["latitude"]) == (30.4, -0.5)
+    assert (bronze["place_kind"] == "bbox").sum() == truth["api_pages"]  # places from API pages' includes
+
+
+def test_retweets_and_duplicates_flagged_and_not_counted(world) -> None:  # type: ignore[no-untyped-def]
+    _, truth, lake, summary, _, tmp = world
+    assert summary["retweets"] == truth["retweets"] and summary["duplicates"] == truth["duplicates"]
+    planted = pd.read_csv(tmp / "synth" / "truth_posts.csv", dtype=str)
+    counted_on_topic = planted["planted"].isin(["negative", "neutral", "positive"]).sum() + 1  # + the CSV post
+    silver = lake.read("silver.social_posts")
+    assert silver.filter("counted AND on_topic").count() == counted_on_topic
+    national = lake.read("gold.social_sentiment").filter(
+        "period = 'day' AND region = 'national' AND language = 'all'").agg(F.sum("n_posts")).first()[0]
+    assert national == counted_on_topic
+
+
+def test_topic_matching_is_multilingual_on_word_boundaries() -> None:
+    m = sentiment.Matcher(sentiment.load_terms("conf/social_keywords.yaml"))
+    assert m.match("Los REFUGIADOS llegan hoy")[0] == ["refugiados"]
+    assert m.match("nueva ley de migracion")[0] == ["migracion"]  # accent-insensitive
+    assert m.match("Les réfugiés arrivent")[1] == ["fr"]
+    assert m.match("Die Flüchtlinge kommen an")[0] == ["fluchtlinge"]
+    assert m.match("#RefugeesWelcome in Berlin")[0] == ["#refugeeswelcome"]
+    assert m.match("immigrants arrive")[0] == ["immigrants"]  # not 'migrants' inside 'immigrants'
+    assert m.match("refugeesX and premigration")[0] == []  # no match inside longer words
+    assert m.match("وصل اللاجِئين إلى المدينة")[0] == [sentiment.normalise("اللاجئين")]  # diacritics ignored
+    assert m.match("ترحب باللاجئين")[0] == [sentiment.normalise("اللاجئين")]  # with the proclitic bi-
+    assert m.match("تلاجئين")[0] == []
+    assert m.match("शरणार्थियों की मदद")[0] == ["शरणार्थियों"]
+    assert m.match("शरणार्थीकरण")[0] == []  # Devanagari word boundary
+    assert m.match("Football tonight") == ([], [])
+
+
+def test_transformers_path_with_a_tiny_model(spark, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = tiny_model(tmp_path / "tiny", {0: "Positive", 1: "negative", 2: "NEUTRAL"})
+    scorer = models.Scorer(str(path))
+    assert scorer.order == [1, 2, 0] and scorer.max_length == 64
+    texts = ["short", "a somewhat longer text about refugees " * 3, "word " * 500, "mid length post here"]
+    one_batch = scorer.score(texts, batch_size=64)
+    small = scorer.score(texts, batch_size=1)  # length-sorted batches: same numbers as one padded batch
+    np.testing.assert_allclose(one_batch.p_positive, small.p_positive, atol=1e-5)
+    tok = AutoTokenizer.from_pretrained(path)
+    ref = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with torch.inference_mode():
+        p = torch.softmax(ref(**tok(texts[1], return_tensors="pt")).logits, -1)[0].numpy()
+    assert one_batch.p_positive[1] == pytest.approx(p[0], abs=1e-5)
+    assert one_batch.p_negative[1] == pytest.approx(p[1], abs=1e-5)
+    assert one_batch.label[1] == ("positive", "negative", "neutral")[int(p.argmax())]
+    assert len(models.weights_hash(str(path))) == 64
+
+    with pytest.raises(models.ModelError, match="social.label_map"):
+        models.label_order({0: "LABEL_0", 1: "LABEL_1"})
+    assert models.label_order({0: "LABEL_0", 1: "LABEL_1"}, {"LABEL_0": "negative", "LABEL_1": "positive"}) == [0, -1, 1]
+
+    # On executors: one model load per Python worker, however many Arrow batches it scores.
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "5")
+    try:
+        df = spark.range(200).repartition(2).selectExpr("cast(id as string) as text")
+
+        def probe(batches):  # type: ignore[no-untyped-def]
+            import os
+
+            from jobs.social import model as m
+
+            for b in batches:
+                s = m.scorer_for(str(path))
+                yield pd.DataFrame({"pid": [os.getpid()], "scorer": [id(s)], "n": [len(s.score(b["text"].tolist()).label)]})
+
+        out = df.mapInPandas(probe, "pid long, scorer long, n long").toPandas()
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+    assert out["n"].sum() == 200 and len(out) >= 40
+    assert (out.groupby("pid")["scorer"].nunique() == 1).all()
+
+
+@needs_offline_model
+def test_offline_default_model_gets_obvious_english_right() -> None:
+    scorer = models.Scorer(models.OFFLINE_DEFAULT)
+    assert models.label_order(scorer.model.config.id2label) == [0, 1, 2]
+    pos = ["I love this, what a wonderful day!", "Thank you so much, this is amazing and beautiful",
+           "So happy and proud of our team, great job!"]
+    neg = ["This is terrible, I hate it so much", "Worst service ever, disgusting and awful",
+           "I am so angry and sad, this is a disaster"]
+    s = scorer.score(pos + neg)
+    assert list(s.label) == ["positive"] * 3 + ["negative"] * 3
+    report = json.loads((OFFLINE / "training_report.json").read_text())
+    assert set(report["validation_macro_f1"]) >= {"english", "arabic", "hindi", "all"}
+
+
+def test_planted_shift_appears_in_the_gold_series(world) -> None:  # type: ignore[no-untyped-def]
+    cfg, truth, lake, _, scored, _ = world
+    assert scored["model_hash"] == models.weights_hash(models.OFFLINE_DEFAULT)
+    silver = lake.read("silver.social_posts").filter("on_topic").toPandas()
+    assert (silver["model_hash"] == scored["model_hash"]).all() and silver["sentiment"].notna().all()
+    weeks = lake.read("gold.social_sentiment").filter("period = 'week' AND language = 'all'").toPandas()
+    event = pd.Timestamp(truth["event_date"]).date()
+    weeks["after"] = weeks["period_start"] >= event
+    mean = weeks.groupby(["region", "after"]).apply(
+        lambda g: np.average(g["mean_score"], weights=g["n_posts"]), include_groups=False).unstack()
+    shift = mean[True] - mean[False]
+    # planted: R1's on-topic posts go from 20% to 75% negative after the event; the other regions do not change
+    assert shift["R1"] < -0.25, shift.to_dict()
+    others = shift.drop(["R1", "national"])
+    assert (others.abs() < 0.12).all(), shift.to_dict()
+    assert shift["R1"] < others.min() - 0.2
+    neg = weeks[weeks["region"] == "R1"].groupby("after").apply(
+        lambda g: np.average(g["share_negative"], weights=g["n_posts"]), include_groups=False)
+    assert neg[True] - neg[False] > 0.2
+
+
+def test_no_text_or_raw_author_id_outside_bronze(world) -> None:  # type: ignore[no-untyped-def]
+    cfg, truth, lake, _, _, tmp = world
+    raw_authors, texts = set(), set()
+    for f in sorted((tmp / "synth" / "posts").glob("*.jsonl")):
+        for line in f.read_bytes().splitlines():
+            try:
+                obj = json.loads(line)
+            except (ValueError, UnicodeDecodeError):
+                continue
+            for t in (obj.get("data") if isinstance(obj, dict) and "data" in obj else [obj]):
+                if isinstance(t, dict) and len(str(t.get("author_id"))) >= 10 and t.get("text"):
+                    raw_authors.add(str(t["author_id"]))
+                    texts.add(t["text"])
+    assert len(raw_authors) > 500
+    root = Path(lake.root)
+    bronze_dir = Path(lake.location("bronze.social_posts"))
+    scanned = 0
+    for path in root.rglob("*"):
+        if not path.is_file() or bronze_dir in path.parents:
+            continue
+        data = path.read_bytes()
+        scanned += 1
+        assert not any(a.encode() in data for a in raw_authors), path
+        if path.suffix == ".parquet":
+            table = pq.read_table(path)
+            for col in table.column_names:
+                values = {str(v) for v in table.column(col).to_pylist() if isinstance(v, str)}
+                assert not values & raw_authors and not values & texts, (path, col)
+    assert scanned > 10
+    bronze = lake.read("bronze.social_posts").select("author_key").distinct().toPandas()
+    keyed = set(pseudonymise_values(pd.Series(sorted(raw_authors)), KEY.encode()))
+    assert set(bronze["author_key"]) - {pseudonymise_values(pd.Series(["555000111"]), KEY.encode())[0]} <= keyed
+    assert not set(bronze["author_key"]) & raw_authors
+
+
+def test_text_retention_erases_text_and_its_files(spark, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("MIGRALAKE_PSEUDONYM_KEY", KEY)
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "p.csv").write_text("\n".join(CSV_ROWS[:2] + [
+        "9101,Asylum seekers wait at the border crossing,555000200,2024-03-08T10:00:00Z,30.2,-0.4",
+        "9102,Lovely weather for a walk,555000201,2024-03-09T10:00:00Z,,"]) + "\n")
+    model = tiny_model(tmp_path / "tiny", {0: "negative", 1: "neutral", 2: "positive"})
+    cfg = configure(tmp_path, str(model), [SocialInput(path=str(tmp_path / "csv"), format="csv")], retention=0)
+    ingest.ingest(spark, cfg)
+    out = sentiment.score(spark, cfg)
+    lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
+    assert out["text_erased"] == 3 and out["on_topic"] == 2
+    bronze = lake.read("bronze.social_posts").toPandas()
+    assert bronze["text"].isna().all() and bronze["text_erased_at"].notna().all()
+    needles = [b"Asylum seekers wait", b"Lovely weather", b"Refugees welcomed"]
+    files = [p for p in Path(lake.location("bronze.social_posts")).rglob("*") if p.is_file()]
+    for p in files:  # the vacuumed data files are gone, and the log holds no statistics of the text
+        assert not any(n in p.read_bytes() for n in needles), p
+        if p.suffix == ".parquet":
+            assert all(v is None for v in pq.read_table(p).column("text").to_pylist())
+    # re-scoring after erasure keeps the scored rows (their text is gone, their silver rows stay)
+    again = sentiment.score(spark, cfg)
+    assert again["posts"] == 3 and again["on_topic"] == 2
