@@ -51,6 +51,8 @@ def run(spark: SparkSession, cfg: Config) -> None:
         lines += cdr_demo(spark, cfg, input_dir)
     if "remote_sensing" in cfg.demo.pipelines:
         lines += remote_sensing_demo(spark, cfg, input_dir)
+    if "social" in cfg.demo.pipelines:
+        lines += social_demo(spark, cfg, input_dir)
     print("\n".join(lines))
     log.info("demo: done")
 
@@ -117,6 +119,62 @@ def remote_sensing_demo(spark: SparkSession, cfg: Config, input_dir: Path) -> li
         "silver.settlement_scenes", "quarantine.settlement_scenes", "silver.settlement_tiles",
         "gold.settlement_change_h3", "gold.settlement_change_admin")]
     lines += releases(spark, run_cfg, lake, ("settlement_change",))
+    return lines
+
+
+def social_config(cfg: Config, input_dir: Path) -> tuple[Config, dict]:
+    """Synthetic posts (seeded) over the demo period and country, with a planted shift in one region."""
+    from jobs.demo import social_synth
+    from lib.config import SocialInput
+
+    folder = input_dir / "social"
+    truth = social_synth.generate(folder, seed=cfg.demo.seed, n_authors=cfg.demo.n_authors,
+                                  posts_per_author=cfg.demo.posts_per_author, start=cfg.demo.start_date,
+                                  n_days=cfg.demo.n_days, event_day=cfg.demo.event_day)
+    for level in ("admin1", "admin2"):
+        (folder / f"{level}.geojson").write_text(json.dumps(cdr_synth.admin_geojson(level)))
+    start = cfg.demo.start_date
+    social = cfg.social.model_copy(update={
+        "inputs": [SocialInput(path=str(folder / "posts"), format="jsonl")],
+        "admin_paths": {"admin1": str(folder / "admin1.geojson"), "admin2": str(folder / "admin2.geojson")},
+        "spatial_unit": "admin1", "event_date": start + timedelta(days=cfg.demo.event_day)})
+    period = cfg.period.model_copy(update={"start": start, "end": start + timedelta(days=cfg.demo.n_days - 1)})
+    return cfg.model_copy(update={"social": social, "period": period}), truth
+
+
+def social_demo(spark: SparkSession, cfg: Config, input_dir: Path) -> list[str]:
+    from jobs.social import ingest as social_ingest
+    from jobs.social import sentiment
+
+    with stage("demo.synthetic_posts"):
+        run_cfg, truth = social_config(cfg, input_dir)
+    got = social_ingest.ingest(spark, run_cfg)
+    scored = sentiment.score(spark, run_cfg)
+    lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
+    weeks = lake.read("gold.social_sentiment").filter("period = 'week' AND language = 'all'").toPandas()
+    event = run_cfg.social.event_date
+    weeks["after"] = weeks["period_start"] >= event
+
+    def mean(region: str, after: bool) -> float:
+        g = weeks[(weeks["region"] == region) & (weeks["after"] == after)]
+        return float((g["mean_score"] * g["n_posts"]).sum() / g["n_posts"].sum())
+
+    shift = truth["shift_region"]
+    others = sorted(set(weeks["region"]) - {shift, "national"})
+    lines = [
+        f"  social media     : {got['rows_in']:,} lines -> {got['accepted']:,} posts + "
+        f"{sum(got['quarantined'].values())} quarantined ({len(got['quarantined'])} reasons); "
+        f"{got['retweets']} retweets, {got['duplicates']} duplicates flagged (planted: {truth['retweets']}, "
+        f"{truth['duplicates']})",
+        f"    sentiment      : {scored['on_topic']:,} posts about migration scored with {scored['model']} "
+        f"(weights {scored['model_hash'][:12]})",
+        f"    planted shift  : mean score in {shift} {mean(shift, False):+.2f} before {event}, "
+        f"{mean(shift, True):+.2f} after; other regions " + ", ".join(
+            f"{r} {mean(r, False):+.2f} -> {mean(r, True):+.2f}" for r in others),
+    ]
+    lines += [f"    {name:<32} {lake.location(name)}" for name in (
+        "bronze.social_posts", "quarantine.social_posts", "silver.social_posts", "gold.social_sentiment")]
+    lines += releases(spark, run_cfg, lake, ("social_sentiment",))
     return lines
 
 
