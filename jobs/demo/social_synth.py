@@ -110,7 +110,7 @@ def _region_bounds() -> dict[str, tuple[float, float, float, float]]:
 
 
 def generate(out_dir: Path, seed: int, n_authors: int, posts_per_author: float, start: date, n_days: int,
-             event_day: int, files: int = 4) -> dict:
+             event_day: int, files: int = 4, on_topic_share: float = ON_TOPIC) -> dict:
     """Write ``files`` JSON Lines files of posts under ``out_dir/posts`` and the truth beside them in
     ``out_dir``; return the truth summary."""
     rng = np.random.default_rng(seed)
@@ -141,7 +141,7 @@ def generate(out_dir: Path, seed: int, n_authors: int, posts_per_author: float, 
         region = str(author_region[a])
         when = datetime.combine(start + timedelta(days=int(day[i])), datetime.min.time()) + timedelta(
             seconds=int(second[i]))
-        on_topic = rng.random() < ON_TOPIC
+        on_topic = rng.random() < on_topic_share
         if on_topic:
             dist = AFTER if (region == SHIFT_REGION and when.date() >= event) else BEFORE
             label = str(rng.choice(list(dist), p=list(dist.values())))
@@ -208,7 +208,7 @@ def generate(out_dir: Path, seed: int, n_authors: int, posts_per_author: float, 
         w_.writerow(["id", "region", "language", "planted", "date", "retweet", "duplicate"])
         w_.writerows(truth_rows)
     truth = {"seed": seed, "event_date": event.isoformat(), "shift_region": SHIFT_REGION, "before": BEFORE,
-             "after_in_shift_region": AFTER, "on_topic_share": ON_TOPIC, "languages": LANGUAGES,
+             "after_in_shift_region": AFTER, "on_topic_share": on_topic_share, "languages": LANGUAGES,
              "lines": len(lines), "bad_lines": {k: 1 for k in BAD_LINES}, **counts}
     (out_dir / "truth.json").write_text(json.dumps(truth, indent=2))
     return truth

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from jobs.social import model as models
@@ -278,8 +278,12 @@ def score(spark: SparkSession, cfg: Config) -> dict[str, Any]:
               batch_size=social.batch_size, threads=social.torch_threads, quantize=social.quantize,
               exclude_retweets=social.exclude_retweets, exclude_duplicates=social.exclude_duplicates)
     with stage("social.sentiment -> silver.social_posts") as st:
-        posts = bronze.select("post_key", "author_key", "created_at", "date", "text", "lang_field", "longitude",
-                              "latitude", "is_retweet", "is_duplicate")
+        # One silver row per post: a post delivered twice keeps its first delivery (the other is a flagged
+        # duplicate in bronze); copies under other ids are separate posts, flagged is_duplicate.
+        first = Window.partitionBy("post_key").orderBy("is_duplicate", "source_file", "line_number")
+        posts = (bronze.withColumn("_n", F.row_number().over(first)).filter(F.col("_n") == 1)
+                 .select("post_key", "author_key", "created_at", "date", "text", "lang_field", "longitude",
+                         "latitude", "is_retweet", "is_duplicate"))
         slots = spark.sparkContext.defaultParallelism
         posts = posts.repartition(max(slots, 1) * 2, "post_key")
         silver = posts.mapInPandas(lambda it: posts_to_silver(it, **kw), schema=silver_schema)

@@ -1,0 +1,119 @@
+"""Social benchmark: sentiment scoring through the Spark pipeline vs one post at a time in one process.
+
+    ./bench/run social [--posts N] [--batch-size B] [--quantize] [--workdir DIR]
+
+1. Generates about N synthetic posts about migration in eight languages (seeded;
+   the demo generator with every post on topic) and ingests them into bronze
+   (not timed).
+2. Runs ``social.sentiment`` on Spark with the offline default model and times
+   its scoring stage: bronze read, language, topic, place and sentiment on the
+   executors through Arrow batches (one model per Python worker, length-sorted
+   batches), silver written to Delta (spark_seconds); the whole job with gold
+   series and the retention step is reported too (spark_pipeline_seconds).
+3. Baseline, in the same run on the same posts: a transformers
+   ``pipeline("text-classification")`` over the same model directory, scoring one
+   post at a time in this process (torch with every core), after the same
+   preprocessing and truncation.
+4. Label agreement: the Spark label and the baseline label of each post.
+
+Prints progress to stderr and, last, one JSON object: posts, spark_seconds, spark_pipeline_seconds,
+baseline_seconds, spark_posts_per_second, baseline_posts_per_second, ratio (Spark
+rate / baseline rate), label_agreement, model, quantize, batch_size, cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+from jobs.demo import social_synth
+from jobs.social import ingest, sentiment
+from jobs.social import model as models
+from lib.config import PROJECT_ROOT, SocialInput, load_config
+from lib.runtime import RUN, configure_logging
+from lib.spark import get_spark
+from lib.tables import Lakehouse
+
+
+def baseline(model_dir: str, texts: list[str]) -> tuple[list[str], float]:
+    import torch
+    from transformers import pipeline
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    clf = pipeline("text-classification", model=model_dir, tokenizer=model_dir, device=-1)
+    order = models.label_order(clf.model.config.id2label)
+    names = {clf.model.config.id2label[i]: lab for i, lab in zip(order, models.LABELS, strict=True) if i >= 0}
+    clf(texts[0], truncation=True)  # warm-up, not timed (the Spark side loads its model inside the timing)
+    t0 = time.perf_counter()
+    labels = [names[clf(t, truncation=True)[0]["label"]] for t in texts]
+    return labels, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/run social", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--posts", type=int, default=4000, help="posts to score (default 4000)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--quantize", action="store_true", help="int8 dynamic quantisation on the Spark side")
+    p.add_argument("--workdir", default="build/bench/social")
+    args = p.parse_args(argv)
+    configure_logging("INFO")
+    work = Path(args.workdir)
+    work = work if work.is_absolute() else PROJECT_ROOT / work
+    shutil.rmtree(work, ignore_errors=True)
+    os.environ.setdefault("MIGRALAKE_PSEUDONYM_KEY", "bench-only-key-0123456789abcdef")
+    print(f"[bench] generating {args.posts} posts ...", file=sys.stderr)
+    # ~8% of lines are retweets/duplicates: they are scored too (flagged, not counted), so count what is scored.
+    social_synth.generate(work / "synth", seed=7, n_authors=max(10, args.posts // 4), posts_per_author=4.0,
+                          start=date(2024, 3, 4), n_days=28, event_day=14, on_topic_share=1.0)
+    cfg = load_config(profile="demo", overrides=[f"lakehouse.root={work / 'lake'}", "spark.show_progress=false",
+                                                 "period.start=2024-03-04", "period.end=2024-03-31"])
+    cfg = cfg.model_copy(update={"social": cfg.social.model_copy(update={
+        "inputs": [SocialInput(path=str(work / "synth" / "posts"))], "spatial_unit": "h3_5",
+        "batch_size": args.batch_size, "quantize": args.quantize})})
+    spark = get_spark(cfg.spark)
+    ingest.ingest(spark, cfg)
+    lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
+    cores = spark.sparkContext.defaultParallelism
+    print(f"[bench] Spark scoring on {cores} task slots ...", file=sys.stderr)
+    t0 = time.perf_counter()
+    out = sentiment.score(spark, cfg)
+    pipeline_s = time.perf_counter() - t0
+    scoring = [s for s in RUN.stages if s.name == "social.sentiment -> silver.social_posts"][-1]
+    spark_s = scoring.seconds
+    silver = lake.read("silver.social_posts").filter("on_topic").select("post_key", "sentiment").toPandas()
+    bronze = lake.read("bronze.social_posts").select("post_key", "text").toPandas().drop_duplicates("post_key")
+    posts = bronze.merge(silver, on="post_key", how="inner")
+    spark.stop()
+    print(f"[bench] baseline: one post at a time, {len(posts)} posts ...", file=sys.stderr)
+    labels, base_s = baseline(str(models.resolve(cfg.social.model)),
+                              [sentiment.for_model(t) for t in posts["text"]])
+    agree = float((posts["sentiment"].to_numpy() == labels).mean())
+    n = len(posts)
+    result = {
+        "posts": n,
+        "spark_seconds": round(spark_s, 2),
+        "spark_pipeline_seconds": round(pipeline_s, 2),
+        "baseline_seconds": round(base_s, 2),
+        "spark_posts_per_second": round(n / spark_s, 1),
+        "baseline_posts_per_second": round(n / base_s, 1),
+        "ratio": round((n / spark_s) / (n / base_s), 2),
+        "label_agreement": round(agree, 4),
+        "model": cfg.social.model,
+        "model_hash": out["model_hash"][:12],
+        "quantize": args.quantize,
+        "batch_size": args.batch_size,
+        "cores": cores,
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
