@@ -256,7 +256,7 @@ class SocialSettings(_Section):
 
     inputs: list[SocialInput] = Field(default_factory=list)
     column_mapping: dict[str, str] = Field(default_factory=dict)  # CSV: our name -> your column name
-    keywords_path: str = "conf/social_keywords.yaml"  # migration terms per language (relative to project root)
+    keywords_path: str = "conf/keywords/migration.yaml"  # migration terms per language (relative to project root)
     exclude_retweets: bool = True  # flagged either way; excluded from counts when true
     exclude_duplicates: bool = True
     text_retention_days: int = Field(30, ge=0)  # post text is erased from bronze after this many days (0: at once

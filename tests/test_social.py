@@ -127,7 +127,7 @@ def test_retweets_and_duplicates_flagged_and_not_counted(world) -> None:  # type
 
 
 def test_topic_matching_is_multilingual_on_word_boundaries() -> None:
-    m = sentiment.Matcher(sentiment.load_terms("conf/social_keywords.yaml"))
+    m = sentiment.Matcher(sentiment.load_terms("conf/keywords/migration.yaml"))
     assert m.match("Los REFUGIADOS llegan hoy")[0] == ["refugiados"]
     assert m.match("nueva ley de migracion")[0] == ["migracion"]  # accent-insensitive
     assert m.match("Les réfugiés arrivent")[1] == ["fr"]
