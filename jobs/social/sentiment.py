@@ -109,7 +109,7 @@ def detect_languages(texts: list[str]) -> list[str]:
 
 
 def posts_to_silver(batches: Iterator[pd.DataFrame], *, terms: dict[str, list[str]], boundaries: dict,
-                    unit: str, h3_res: int, max_km: float, model_name: str, model_hash: str,
+                    unit: str, h3_res: int, max_km: float, model_name: str, model_path: str, model_hash: str,
                     label_map: dict[str, str], batch_size: int, threads: int, quantize: bool,
                     exclude_retweets: bool, exclude_duplicates: bool) -> Iterator[pd.DataFrame]:
     matcher = Matcher(terms)
@@ -162,7 +162,7 @@ def posts_to_silver(batches: Iterator[pd.DataFrame], *, terms: dict[str, list[st
             out[c] = np.nan
         idx = np.flatnonzero(out["on_topic"].to_numpy())
         if len(idx):
-            scorer = models.scorer_for(model_name, label_map, threads, quantize)
+            scorer = models.scorer_for(model_path, label_map, threads, quantize)
             s = scorer.score([for_model(texts[i]) for i in idx], batch_size=batch_size)
             rows = out.index[idx]
             out.loc[rows, "sentiment"] = s.label
@@ -274,7 +274,7 @@ def score(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         bronze = bronze.filter(F.col("date").between(F.lit(cfg.period.start), F.lit(cfg.period.end)))
     silver_schema = spec("silver.social_posts").schema
     kw = dict(terms=terms, boundaries=boundaries, unit=unit, h3_res=h3_res, max_km=social.nearest_area_max_km,
-              model_name=social.model, model_hash=model_hash, label_map=dict(social.label_map),
+              model_name=social.model, model_path=models.resolve(social.model), model_hash=model_hash, label_map=dict(social.label_map),
               batch_size=social.batch_size, threads=social.torch_threads, quantize=social.quantize,
               exclude_retweets=social.exclude_retweets, exclude_duplicates=social.exclude_duplicates)
     with stage("social.sentiment -> silver.social_posts") as st:
