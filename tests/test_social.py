@@ -281,3 +281,13 @@ def test_text_retention_erases_text_and_its_files(spark, tmp_path, monkeypatch) 
     # re-scoring after erasure keeps the scored rows (their text is gone, their silver rows stay)
     again = sentiment.score(spark, cfg)
     assert again["posts"] == 3 and again["on_topic"] == 2
+
+
+def test_missing_model_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(models.ModelError, match="not a local directory"):
+        models.weights_hash("migralake-tests/no-such-model")
+    with pytest.raises(models.ModelError, match="does not exist"):
+        models.Scorer(str(tmp_path / "no-model-here"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(models.ModelError, match="no weight files"):
+        models.weights_hash(str(tmp_path / "empty"))

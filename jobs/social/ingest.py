@@ -249,7 +249,9 @@ def finish(rows: list[dict[str, Any]], path: str, key: bytes, period: tuple[date
     if ok.any():
         df.loc[ok, "post_key"] = pseudonymise_values(df.loc[ok, "id"].astype(str), key).to_numpy()
         df.loc[ok, "author_key"] = pseudonymise_values(df.loc[ok, "author"].astype(str), key).to_numpy()
-    df.loc[~ok, ["text", "lang_field", "longitude", "latitude", "place_kind", "is_retweet"]] = None
+    for c in ("text", "lang_field", "longitude", "latitude", "place_kind", "is_retweet"):
+        df[c] = df[c].astype(object)
+        df.loc[~ok, c] = None
     df["longitude"] = pd.to_numeric(df["longitude"], errors="coerce")
     df["latitude"] = pd.to_numeric(df["latitude"], errors="coerce")
     df["line_number"] = df["line_number"].astype("int64")

@@ -57,11 +57,15 @@ def weights_hash(name: str) -> str:
     if not path.is_dir():
         from huggingface_hub import snapshot_download
 
-        try:
+        try:  # the local Hugging Face cache first, then the hub (when reachable)
             path = Path(snapshot_download(name, local_files_only=True))
-        except Exception as exc:  # noqa: BLE001 - hub errors come in many types
-            raise ModelError(f"model {name}: not a local directory and not in the Hugging Face cache "
-                             f"({exc}); download it where the hub is reachable, or name a local directory") from None
+        except Exception:  # noqa: BLE001 - hub errors come in many types
+            try:
+                path = Path(snapshot_download(name))
+            except Exception as exc:  # noqa: BLE001
+                raise ModelError(f"model {name}: not a local directory, not in the Hugging Face cache, and the "
+                                 f"hub cannot be reached ({type(exc).__name__}); download it where the hub is "
+                                 "reachable, or name a local model directory") from None
     files = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
     if not files:
         raise ModelError(f"model {name}: no weight files (*.safetensors, *.bin) in {path}")

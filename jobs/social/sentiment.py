@@ -307,5 +307,10 @@ def score(spark: SparkSession, cfg: Config) -> dict[str, Any]:
 
 
 def run(spark: SparkSession, cfg: Config) -> int:
-    print(json.dumps(score(spark, cfg), indent=2, default=str))
+    try:
+        out = score(spark, cfg)
+    except models.ModelError as exc:
+        print(f"migralake: error: {exc}")
+        return 2
+    print(json.dumps(out, indent=2, default=str))
     return 0
