@@ -249,14 +249,14 @@ def finish(rows: list[dict[str, Any]], path: str, key: bytes, period: tuple[date
     if ok.any():
         df.loc[ok, "post_key"] = pseudonymise_values(df.loc[ok, "id"].astype(str), key).to_numpy()
         df.loc[ok, "author_key"] = pseudonymise_values(df.loc[ok, "author"].astype(str), key).to_numpy()
-    for c in ("text", "lang_field", "longitude", "latitude", "place_kind", "is_retweet"):
-        df[c] = df[c].astype(object)
-        df.loc[~ok, c] = None
-    df["longitude"] = pd.to_numeric(df["longitude"], errors="coerce")
-    df["latitude"] = pd.to_numeric(df["latitude"], errors="coerce")
-    df["line_number"] = df["line_number"].astype("int64")
-    for c in ("reason", "detail", "post_key", "author_key", "text", "lang_field", "place_kind", "is_retweet"):
+    # Quarantined rows keep no content; missing values are None (Arrow needs them typed, not NaN).
+    for c in ("longitude", "latitude"):
+        df[c] = pd.to_numeric(df[c], errors="coerce").where(ok)
+    for c in ("text", "lang_field", "place_kind", "is_retweet"):
+        df[c] = df[c].astype(object).where(ok & df[c].notna(), None)
+    for c in ("reason", "detail", "post_key", "author_key"):
         df[c] = df[c].astype(object).where(df[c].notna(), None)
+    df["line_number"] = df["line_number"].astype("int64")
     return df[PARSED.fieldNames()]  # raw ids and times dropped here, inside the task
 
 

@@ -21,7 +21,6 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -121,7 +120,7 @@ class Scorer:
         local = Path(where).is_dir()
         if not local and (where.startswith("/") or name.startswith(("models/", "./", "../"))):
             raise ModelError(f"model directory {where} does not exist"
-                             + (" (build it with bin/train-sentiment-model)" if name == OFFLINE_DEFAULT else ""))
+                             + (" (build it with bin/train-sentiment-model)" if where == resolve(OFFLINE_DEFAULT) else ""))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local or None)
             model = AutoModelForSequenceClassification.from_pretrained(where, local_files_only=local or None)
@@ -174,8 +173,3 @@ def scorer_for(name: str, label_map: dict[str, str] | None = None, threads: int 
         if key not in _CACHE:
             _CACHE[key] = Scorer(name, label_map, threads, quantize)
         return _CACHE[key]
-
-
-def loads_counter() -> dict[str, Any]:
-    """How many models this process has loaded (tests check one load per worker)."""
-    return {"loaded": len(_CACHE), "pid": os.getpid()}

@@ -292,15 +292,19 @@ def score(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         else:
             res = lake.write(silver, "silver.social_posts")
         st.rows_out = res.rows_written
+    # silver is read once for the eight gold aggregates and the summary
+    scored = lake.read("silver.social_posts").select(
+        "author_key", "date", "week_start", "spatial_unit", "region", "language", "on_topic", "counted",
+        "sentiment", "score").persist()
     with stage("social.sentiment -> gold.social_sentiment") as st:
-        gold = series(lake.read("silver.social_posts"))
-        res = lake.write(lake.conform(gold, "gold.social_sentiment"), "gold.social_sentiment")
+        res = lake.write(lake.conform(series(scored), "gold.social_sentiment"), "gold.social_sentiment")
         st.rows_out = res.rows_written
     erased = erase_expired_text(lake, social.text_retention_days)
-    s = lake.read("silver.social_posts").agg(
+    s = scored.agg(
         F.count("*").alias("posts"), F.sum(F.col("on_topic").cast("int")).alias("on_topic"),
         F.sum((F.col("on_topic") & F.col("counted")).cast("int")).alias("counted_on_topic"),
         F.sum((F.col("region").isNotNull()).cast("int")).alias("placed")).first().asDict()
+    scored.unpersist()
     s.update({"model": social.model, "model_hash": model_hash, "text_erased": erased})
     log.info("social.sentiment: %s", s)
     return s
