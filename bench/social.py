@@ -1,6 +1,6 @@
 """Social benchmark: sentiment scoring through the Spark pipeline vs one post at a time in one process.
 
-    ./bench/run social [--posts N] [--batch-size B] [--quantize] [--workdir DIR]
+    ./bench/run social [--posts N] [--batch-size B] [--precision P] [--workdir DIR]
 
 1. Generates about N synthetic posts about migration in eight languages (seeded;
    the demo generator with every post on topic) and ingests them into bronze
@@ -9,16 +9,18 @@
    its scoring stage: bronze read, language, topic, place and sentiment on the
    executors through Arrow batches (one model per Python worker, length-sorted
    batches), silver written to Delta (spark_seconds); the whole job with gold
-   series and the retention step is reported too (spark_pipeline_seconds).
+   series and the retention step is reported too (spark_pipeline_seconds). The
+   precision is ``social.precision`` (default auto: bf16 where the CPU has native
+   bfloat16, else fp32), or --precision.
 3. Baseline, in the same run on the same posts: a transformers
    ``pipeline("text-classification")`` over the same model directory, scoring one
    post at a time in this process (torch with every core), after the same
-   preprocessing and truncation.
+   preprocessing and truncation, in float32.
 4. Label agreement: the Spark label and the baseline label of each post.
 
 Prints progress to stderr and, last, one JSON object: posts, spark_seconds, spark_pipeline_seconds,
 baseline_seconds, spark_posts_per_second, baseline_posts_per_second, ratio (Spark
-rate / baseline rate), label_agreement, model, quantize, batch_size, cores.
+rate / baseline rate), label_agreement, model, precision, batch_size, cores.
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--posts", type=int, default=4000, help="posts to score (default 4000)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--quantize", action="store_true", help="int8 dynamic quantisation on the Spark side")
+    p.add_argument("--precision", choices=models.PRECISIONS, default=None,
+                   help="Spark side: auto (bf16 on CPUs with native bfloat16, else fp32), fp32, bf16 or int8 "
+                   "(default: social.precision of the demo profile)")
     p.add_argument("--workdir", default="build/bench/social")
     args = p.parse_args(argv)
     configure_logging("INFO")
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "period.start=2024-03-04", "period.end=2024-03-31"])
     cfg = cfg.model_copy(update={"social": cfg.social.model_copy(update={
         "inputs": [SocialInput(path=str(work / "synth" / "posts"))], "spatial_unit": "h3_5",
-        "batch_size": args.batch_size, "quantize": args.quantize})})
+        "batch_size": args.batch_size, **({"precision": args.precision} if args.precision else {})})})
     spark = get_spark(cfg.spark)
     ingest.ingest(spark, cfg)
     lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
@@ -87,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     pipeline_s = time.perf_counter() - t0
     scoring = [s for s in RUN.stages if s.name == "social.sentiment -> silver.social_posts"][-1]
     spark_s = scoring.seconds
-    silver = lake.read("silver.social_posts").filter("on_topic").select("post_key", "sentiment").toPandas()
+    silver = lake.read("silver.social_posts").filter("on_topic").select("post_key", "sentiment",
+                                                                          "model_precision").toPandas()
+    used = sorted(silver["model_precision"].dropna().unique().tolist())
     bronze = lake.read("bronze.social_posts").select("post_key", "text").toPandas().drop_duplicates("post_key")
     posts = bronze.merge(silver, on="post_key", how="inner")
     spark.stop()
@@ -107,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         "label_agreement": round(agree, 4),
         "model": cfg.social.model,
         "model_hash": out["model_hash"][:12],
-        "quantize": args.quantize,
+        "precision": "/".join(used),
+        "cpu_native_bf16": models.native_bf16(),
         "batch_size": args.batch_size,
         "cores": cores,
     }

@@ -814,10 +814,12 @@ SOCIAL_SILVER = _reg(
         ("score", DBL, True),
         ("model_name", S, True),
         ("model_hash", S, True),
+        ("model_precision", S, True),
     ),
     description="Posts without text: language (field or detected), migration topic (matched terms), place "
     "(H3, region; null when the post has none), sentiment of on-topic posts (label, probability, "
-    "p_positive - p_negative score) with the model name and a SHA-256 of its weights. counted is false for "
+    "p_positive - p_negative score) with the model name, a SHA-256 of its weights and the numeric precision it "
+    "ran at (fp32, bf16, int8). counted is false for "
     "retweets and duplicates when they are excluded.",
     source="social",
     owner_job="social.sentiment",

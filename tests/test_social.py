@@ -163,6 +163,10 @@ def test_transformers_path_with_a_tiny_model(spark, tmp_path) -> None:  # type: 
     assert one_batch.label[1] == ("positive", "negative", "neutral")[int(p.argmax())]
     assert len(models.weights_hash(str(path))) == 64
 
+    assert models.resolve_precision("auto") == ("bf16" if models.native_bf16() else "fp32")
+    with pytest.raises(models.ModelError, match="social.precision 'fp16'"):
+        models.resolve_precision("fp16")
+
     with pytest.raises(models.ModelError, match="social.label_map"):
         models.label_order({0: "LABEL_0", 1: "LABEL_1"})
     assert models.label_order({0: "LABEL_0", 1: "LABEL_1"}, {"LABEL_0": "negative", "LABEL_1": "positive"}) == [0, -1, 1]
@@ -198,6 +202,15 @@ def test_offline_default_model_gets_obvious_english_right() -> None:
            "I am so angry and sad, this is a disaster"]
     s = scorer.score(pos + neg)
     assert list(s.label) == ["positive"] * 3 + ["negative"] * 3
+    # bf16 autocast (the default on CPUs with native bfloat16) stays close to float32 and keeps the labels
+    if scorer.precision == "fp32":
+        scorer = models.Scorer(models.OFFLINE_DEFAULT, precision="bf16")
+    assert scorer.precision == "bf16"
+    b = scorer.score(pos + neg)
+    fp = models.Scorer(models.OFFLINE_DEFAULT, precision="fp32").score(pos + neg)
+    assert list(b.label) == list(fp.label) == list(s.label)
+    np.testing.assert_allclose(b.p_positive, fp.p_positive, atol=0.03)
+    assert not np.allclose(b.p_positive, fp.p_positive, atol=0, rtol=0)  # bf16 really ran
     report = json.loads((OFFLINE / "training_report.json").read_text())
     assert set(report["validation_macro_f1"]) >= {"english", "arabic", "hindi", "all"}
 
@@ -207,6 +220,7 @@ def test_planted_shift_appears_in_the_gold_series(world) -> None:  # type: ignor
     assert scored["model_hash"] == models.weights_hash(models.OFFLINE_DEFAULT)
     silver = lake.read("silver.social_posts").filter("on_topic").toPandas()
     assert (silver["model_hash"] == scored["model_hash"]).all() and silver["sentiment"].notna().all()
+    assert (silver["model_precision"] == models.resolve_precision(cfg.social.precision)).all()
     weeks = lake.read("gold.social_sentiment").filter("period = 'week' AND language = 'all'").toPandas()
     event = pd.Timestamp(truth["event_date"]).date()
     weeks["after"] = weeks["period_start"] >= event

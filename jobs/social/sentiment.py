@@ -110,7 +110,7 @@ def detect_languages(texts: list[str]) -> list[str]:
 
 def posts_to_silver(batches: Iterator[pd.DataFrame], *, terms: dict[str, list[str]], boundaries: dict,
                     unit: str, h3_res: int, max_km: float, model_name: str, model_path: str, model_hash: str,
-                    label_map: dict[str, str], batch_size: int, threads: int, quantize: bool,
+                    label_map: dict[str, str], batch_size: int, threads: int, precision: str,
                     exclude_retweets: bool, exclude_duplicates: bool) -> Iterator[pd.DataFrame]:
     matcher = Matcher(terms)
     for df in batches:
@@ -156,13 +156,13 @@ def posts_to_silver(batches: Iterator[pd.DataFrame], *, terms: dict[str, list[st
         if exclude_duplicates:
             counted &= ~df["is_duplicate"].astype(bool).to_numpy()
         out["counted"] = counted
-        for c in ("sentiment", "model_name", "model_hash"):
+        for c in ("sentiment", "model_name", "model_hash", "model_precision"):
             out[c] = None
         for c in ("sentiment_prob", "p_negative", "p_neutral", "p_positive", "score"):
             out[c] = np.nan
         idx = np.flatnonzero(out["on_topic"].to_numpy())
         if len(idx):
-            scorer = models.scorer_for(model_path, label_map, threads, quantize)
+            scorer = models.scorer_for(model_path, label_map, threads, precision)
             s = scorer.score([for_model(texts[i]) for i in idx], batch_size=batch_size)
             rows = out.index[idx]
             out.loc[rows, "sentiment"] = s.label
@@ -173,6 +173,7 @@ def posts_to_silver(batches: Iterator[pd.DataFrame], *, terms: dict[str, list[st
             out.loc[rows, "score"] = s.p_positive - s.p_negative
             out.loc[rows, "model_name"] = model_name
             out.loc[rows, "model_hash"] = model_hash
+            out.loc[rows, "model_precision"] = scorer.precision
         yield out
 
 
@@ -275,17 +276,19 @@ def score(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     silver_schema = spec("silver.social_posts").schema
     kw = dict(terms=terms, boundaries=boundaries, unit=unit, h3_res=h3_res, max_km=social.nearest_area_max_km,
               model_name=social.model, model_path=models.resolve(social.model), model_hash=model_hash, label_map=dict(social.label_map),
-              batch_size=social.batch_size, threads=social.torch_threads, quantize=social.quantize,
+              batch_size=social.batch_size, threads=social.torch_threads, precision=social.precision,
               exclude_retweets=social.exclude_retweets, exclude_duplicates=social.exclude_duplicates)
     with stage("social.sentiment -> silver.social_posts") as st:
         # One silver row per post: a post delivered twice keeps its first delivery (the other is a flagged
         # duplicate in bronze); copies under other ids are separate posts, flagged is_duplicate.
         first = Window.partitionBy("post_key").orderBy("is_duplicate", "source_file", "line_number")
-        posts = (bronze.withColumn("_n", F.row_number().over(first)).filter(F.col("_n") == 1)
+        # One shuffle: hash-partitioned by post_key, which the window needs too. Four tasks per slot, so a
+        # worker that started late (loading the model) does not leave the other slot idle at the end.
+        slots = max(spark.sparkContext.defaultParallelism, 1)
+        posts = (bronze.repartition(slots * 4, "post_key").withColumn("_n", F.row_number().over(first))
+                 .filter(F.col("_n") == 1)
                  .select("post_key", "author_key", "created_at", "date", "text", "lang_field", "longitude",
                          "latitude", "is_retweet", "is_duplicate"))
-        slots = spark.sparkContext.defaultParallelism
-        posts = posts.repartition(max(slots, 1) * 2, "post_key")
         silver = posts.mapInPandas(lambda it: posts_to_silver(it, **kw), schema=silver_schema)
         if lake.exists("silver.social_posts"):
             res = lake.merge(silver, "silver.social_posts")
