@@ -8,9 +8,16 @@ import hmac
 import pandas as pd
 import pytest
 from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
 
 from lib.config import PseudonymSettings
-from lib.privacy.pseudonym import PseudonymKeyError, load_key, pseudonym_column, pseudonymise_values
+from lib.privacy.pseudonym import (
+    PseudonymKeyError,
+    load_key,
+    pseudonym_column,
+    pseudonymise_values,
+    with_pseudonyms,
+)
 
 KEY = b"k" * 20
 LONG_KEY = bytes(range(100))
@@ -27,10 +34,19 @@ def test_matches_standard_hmac(key: bytes) -> None:
             assert o == hmac.new(key, v.encode(), hashlib.sha256).hexdigest()
 
 
-def test_spark_column_matches_and_trims(spark: SparkSession) -> None:
-    df = spark.createDataFrame([(" 255700000001 ",), (None,)], "msisdn string")
-    got = [r[0] for r in df.select(pseudonym_column("msisdn", KEY)).collect()]
-    assert got == [hmac.new(KEY, b"255700000001", hashlib.sha256).hexdigest(), None]
+@pytest.mark.parametrize("key", [KEY, LONG_KEY])
+def test_spark_columns_match_trim_and_keep_the_key_out_of_plans(spark: SparkSession, key: bytes) -> None:
+    df = spark.createDataFrame([(" 255700000001 ", "x"), (None, "ünï"), ("", None)], "msisdn string, other string")
+    out = with_pseudonyms(df, {"a": "msisdn", "b": F.col("other")}, key)
+    assert out.columns == ["msisdn", "other", "a", "b"]
+    got = [(r["a"], r["b"]) for r in out.collect()]
+    std = [hmac.new(key, v.encode(), hashlib.sha256).hexdigest() for v in ("255700000001", "x", "", "ünï")]
+    assert got == [(std[0], std[1]), (None, std[3]), (std[2], None)]
+    assert got[0][0] == pseudonymise_values(pd.Series(["255700000001"]), key)[0]  # both implementations agree
+    plan = out._jdf.queryExecution().toString().lower()  # noqa: SLF001 - parsed, analysed, optimised, physical
+    key_bytes = key if len(key) <= 64 else hashlib.sha256(key).digest()
+    assert key_bytes.hex() not in plan and bytes(b ^ 0x36 for b in key_bytes).hex() not in plan
+    assert pseudonym_column(df, "msisdn", key, "p").filter("p IS NOT NULL").count() == 2
 
 
 def test_no_key_refuses() -> None:

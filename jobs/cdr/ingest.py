@@ -24,7 +24,7 @@ from pyspark.sql import functions as F
 
 from lib import geo
 from lib.config import CdrInput, CdrSettings, Config, ConfigError
-from lib.privacy.pseudonym import load_key, pseudonym_columns
+from lib.privacy.pseudonym import load_key, with_pseudonyms
 from lib.runtime import log, stage
 from lib.tables import Lakehouse, spec
 
@@ -205,13 +205,17 @@ def classify_events(
         "reason",
         F.when(F.col("reason").isNull() & (F.row_number().over(w) > 1), F.lit("duplicate")).otherwise(F.col("reason")),
     )
-    ids = pseudonym_columns([F.when(F.col("_msisdn") != "", F.col("_msisdn")), F.col("_counterpart")], key)
+    tagged = with_pseudonyms(
+        tagged, {"subscriber_id": F.when(F.col("_msisdn") != "", F.col("_msisdn")), "counterpart_id": "_counterpart"},
+        key,
+    )
     return tagged.select(
         "reason",
         "raw_time",
         "event_time",
         "event_date",
-        *[c.alias(n) for c, n in zip(ids, ("subscriber_id", "counterpart_id"), strict=True)],
+        "subscriber_id",
+        "counterpart_id",
         "cell_id",
         "event_type",
         "outgoing",

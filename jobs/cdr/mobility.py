@@ -57,18 +57,29 @@ def in_hours(hour_col: str, hours: tuple[int, int] | None):  # type: ignore[no-u
     return (h >= start) & (h < end) if start < end else (h >= start) | (h < end)
 
 
-def daily_locations(
-    events: DataFrame, rule: str, spatial_unit: str, hours: tuple[int, int] | None = None
-) -> DataFrame:
-    """One unit per subscriber per day.
+def unit_day_stats(events: DataFrame, hours: dict[str, tuple[int, int] | None]) -> DataFrame:
+    """Per subscriber, day and unit, in one pass over the events: ``n_all`` (every event) and, for each
+    named hour window, ``n_<name>`` (events inside it) and ``last_<name>`` (time of the last one).
+
+    Daily locations, night-time locations and the activity filters all derive from
+    these rows, so the (large) event table is read once.
+    """
+    aggs = [F.count("*").alias("n_all")]
+    for name, window in hours.items():
+        inside = in_hours("event_time", window)
+        aggs += [F.count(F.when(inside, 1)).alias(f"n_{name}"),
+                 F.max(F.when(inside, F.col("event_time"))).alias(f"last_{name}")]
+    return events.groupBy("subscriber_id", "date", "unit").agg(*aggs)
+
+
+def daily_from_stats(stats: DataFrame, rule: str, spatial_unit: str, name: str) -> DataFrame:
+    """One unit per subscriber per day from :func:`unit_day_stats` rows, using hour window ``name``.
 
     ``last``: the unit of the day's last event (ties on time broken by unit name).
     ``most_frequent``: the unit with most events that day (ties to the later last event).
-    ``events`` must carry subscriber_id, event_time, date and unit (see events_with_units).
     """
-    ev = events.filter(in_hours("event_time", hours))
-    per_unit = ev.groupBy("subscriber_id", "date", "unit").agg(
-        F.count("*").alias("n_unit"), F.max("event_time").alias("last_time")
+    per_unit = stats.filter(F.col(f"n_{name}") > 0).select(
+        "subscriber_id", "date", "unit", F.col(f"n_{name}").alias("n_unit"), F.col(f"last_{name}").alias("last_time")
     )
     totals = Window.partitionBy("subscriber_id", "date")
     if rule == "last":
@@ -85,17 +96,28 @@ def daily_locations(
     )
 
 
+def daily_locations(
+    events: DataFrame, rule: str, spatial_unit: str, hours: tuple[int, int] | None = None
+) -> DataFrame:
+    """One unit per subscriber per day from events (subscriber_id, event_time, date, unit; see
+    events_with_units), counting only events inside ``hours`` when given."""
+    return daily_from_stats(unit_day_stats(events, {"w": hours}), rule, spatial_unit, "w")
+
+
 ACTIVITY_REASONS = ("too_few_events", "too_many_events_per_day_on_average", "too_many_events_on_one_day")
 
 
 def activity_status(events: DataFrame, cdr: CdrSettings, n_days: int) -> DataFrame:
     """Per subscriber: ``excluded`` reason (null = kept) from the activity filters.
 
+    ``events``: event rows (subscriber_id, date), or :func:`unit_day_stats` rows (their ``n_all``).
+
     A SIM is dropped with fewer than ``min_events`` events in the period, more than
     ``max_mean_events_per_day`` per day of the period on average, or more than
     ``max_events_single_day`` on one day (the World Bank COVID-19 indicator rules).
     """
-    per_day = events.groupBy("subscriber_id", "date").agg(F.count("*").alias("n_day"))
+    n = F.sum("n_all") if "n_all" in events.columns else F.count("*")
+    per_day = events.groupBy("subscriber_id", "date").agg(n.alias("n_day"))
     stats = per_day.groupBy("subscriber_id").agg(F.sum("n_day").alias("n"), F.max("n_day").alias("max_day"))
     reason = (
         F.when(F.col("n") < cdr.min_events, F.lit(ACTIVITY_REASONS[0]))
@@ -290,25 +312,26 @@ def run(spark: SparkSession, cfg: Config) -> None:
     n_days = (end - start).days + 1
 
     with stage("cdr.activity_filter") as st:
-        status = activity_status(located, cdr, n_days).persist(StorageLevel.MEMORY_AND_DISK)
+        # One pass over the events: per subscriber, day and unit, every event and those inside the daily-rule
+        # and night-time hours. The activity filters, daily and night-time locations all derive from it.
+        stats = unit_day_stats(located, {"day": cdr.hours, "night": cdr.home_night_hours}).persist(
+            StorageLevel.MEMORY_AND_DISK
+        )
+        status = activity_status(stats, cdr, n_days).persist(StorageLevel.MEMORY_AND_DISK)
         counts = {r["excluded"] or "kept": r["n"] for r in status.groupBy("excluded").agg(F.count("*").alias("n")).collect()}
         st.rows_in = sum(counts.values())
         st.rows_out = counts.get("kept", 0)
         st.notes.update({k: v for k, v in counts.items() if k != "kept"})
         active = status.filter(F.col("excluded").isNull()).select("subscriber_id")
-        located = located.join(active, on="subscriber_id", how="left_semi")
+        kept = stats.join(active, on="subscriber_id", how="left_semi")
 
     with stage("cdr.daily_locations -> silver") as st:
-        daily = daily_locations(located, cdr.daily_location_rule, cdr.spatial_unit, cdr.hours)
+        daily = daily_from_stats(kept, cdr.daily_location_rule, cdr.spatial_unit, "day")
         res = lake.write(daily, "silver.cdr_daily_locations", period=(start, end), scope=scope)
         st.rows_out = res.rows_written
-    status.unpersist()
-    daily = lake.read("silver.cdr_daily_locations").filter(
-        F.col("date").between(F.lit(start), F.lit(end)) & (F.col("spatial_unit") == cdr.spatial_unit)
-    )
 
     with stage("cdr.home_locations -> silver") as st:
-        night = daily_locations(located, cdr.daily_location_rule, cdr.spatial_unit, cdr.home_night_hours)
+        night = daily_from_stats(kept, cdr.daily_location_rule, cdr.spatial_unit, "night")
         b_start, b_end = baseline_window(start, end, cdr.event_date, cdr.baseline_days)
         windows = [("baseline", b_start, b_end)]
         if cdr.event_date is not None and start < cdr.event_date <= end:
@@ -318,6 +341,12 @@ def run(spark: SparkSession, cfg: Config) -> None:
             homes, "silver.cdr_home_locations", period=(b_start, windows[-1][1]), scope=scope
         ).rows_written
         st.notes["windows"] = ", ".join(f"{w}={ws}..{we}" for w, ws, we in windows)
+    status.unpersist()
+    stats.unpersist()
+    # The gold tables read the stored silver rows (what a later re-run of gold alone would read), once.
+    daily = lake.read("silver.cdr_daily_locations").filter(
+        F.col("date").between(F.lit(start), F.lit(end)) & (F.col("spatial_unit") == cdr.spatial_unit)
+    ).persist(StorageLevel.MEMORY_AND_DISK)
     homes = lake.read("silver.cdr_home_locations").filter(
         F.col("window_start").between(F.lit(b_start), F.lit(windows[-1][1]))
         & (F.col("spatial_unit") == cdr.spatial_unit)
@@ -340,6 +369,7 @@ def run(spark: SparkSession, cfg: Config) -> None:
             st.rows_in = res.rows_written
             st.rows_out = lake.write(df, name, period=period, scope=scope).rows_written
 
+    daily.unpersist()
     if len(windows) == 1:
         log.info("cdr.mobility: no cdr.event_date inside the period; displacement tables not written")
         return

@@ -3,8 +3,13 @@
 The key comes from an environment variable or a secrets file named in
 ``pseudonym`` settings, never from conf/ values or a table. Without a key a
 job refuses to run; only the demo profile may generate a throwaway key, and it
-says so. The key travels to executors inside the pandas UDF's closure, so it
-never appears in a query plan, the Spark UI or an event log.
+says so.
+
+Two equal implementations: ``pseudonymise_values`` (Python, for pandas code on
+the executors, e.g. the social ingest) and ``with_pseudonyms`` (Spark columns
+computed in the JVM, for event tables of any size). In the latter the key's
+HMAC pads reach the executors as a one-row broadcast relation, data rather than
+literals, so the key never appears in a query plan, the Spark UI or an event log.
 
 Reads and writes no tables.
 """
@@ -15,19 +20,20 @@ import hashlib
 import logging
 import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import Column
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
-from pyspark.sql.functions import pandas_udf
 
 from lib.config import PseudonymSettings
 
 log = logging.getLogger("migralake.privacy")
 MIN_KEY_BYTES = 16
 _BLOCK = 64  # SHA-256 block size
+_IPAD, _OPAD = "__migralake_hmac_ipad", "__migralake_hmac_opad"
 
 
 class PseudonymKeyError(RuntimeError):
@@ -105,20 +111,26 @@ def pseudonymise_values(values: pd.Series, key: bytes) -> pd.Series:
     return pd.Series(hashed[codes], index=values.index, dtype=object)  # code -1 (missing) -> None
 
 
-def pseudonym_column(col: Column | str, key: bytes) -> Column:
-    """A Spark column with the pseudonym of ``col`` (cast to string, trimmed)."""
-    return pseudonym_columns([col], key)[0]
+def with_pseudonyms(df: DataFrame, outputs: Mapping[str, Column | str], key: bytes) -> DataFrame:
+    """``df`` plus one column per ``outputs`` entry: the HMAC-SHA256 hex of the value cast to string and
+    trimmed (null stays null), equal to ``hmac.new(key, value, sha256).hexdigest()``.
+
+    Computed in the JVM with Spark's SHA-256 over the HMAC construction
+    H((K ^ opad) || H((K ^ ipad) || m)): no Python round trip per row. The two pads
+    come from a one-row relation broadcast to every task and joined to each row.
+    """
+    ipad, opad = _pads(key)
+    pads = df.sparkSession.createDataFrame([(bytearray(ipad), bytearray(opad))], f"{_IPAD} binary, {_OPAD} binary")
+
+    def hmac_hex(col: Column | str) -> Column:
+        value = F.encode(F.trim((F.col(col) if isinstance(col, str) else col).cast("string")), "UTF-8")
+        inner = F.unhex(F.sha2(F.concat(F.col(_IPAD), value), 256))
+        return F.sha2(F.concat(F.col(_OPAD), inner), 256)
+
+    joined = df.crossJoin(F.broadcast(pads))
+    return joined.select(*df.columns, *[hmac_hex(c).alias(n) for n, c in outputs.items()])
 
 
-def pseudonym_columns(cols: list[Column | str], key: bytes) -> list[Column]:
-    """Pseudonyms of several columns through one Python round trip (one pandas UDF)."""
-    names = [f"p{i}" for i in range(len(cols))]
-
-    @pandas_udf(", ".join(f"{n} string" for n in names))  # type: ignore[call-overload]
-    def _hmac(*series: pd.Series) -> pd.DataFrame:
-        return pd.DataFrame({n: pseudonymise_values(v, key) for n, v in zip(names, series, strict=True)})
-
-    sources = [F.trim((F.col(c) if isinstance(c, str) else c).cast("string")) for c in cols]
-    packed = _hmac(*sources)
-    return [packed[n] for n in names]
-
+def pseudonym_column(df: DataFrame, col: Column | str, key: bytes, name: str = "pseudonym") -> DataFrame:
+    """``df`` with one pseudonym column ``name`` of ``col`` (see :func:`with_pseudonyms`)."""
+    return with_pseudonyms(df, {name: col}, key)
