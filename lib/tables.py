@@ -321,7 +321,11 @@ class Lakehouse:
         return WriteResult(name, int(last["version"]), written, str(last["operation"]))
 
     def _drop_location(self, name: str) -> None:
-        fs, path = self._hadoop_path(self.location(name))
+        self.delete_path(self.location(name))
+
+    def delete_path(self, location: str) -> None:
+        """Remove a folder (e.g. a job's staging files) recursively; no error when it is absent."""
+        fs, path = self._hadoop_path(location)
         fs.delete(path, True)
 
     # ------------------------------------------------------------------ reading

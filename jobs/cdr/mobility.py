@@ -19,6 +19,7 @@ optional scaled estimate (``cdr.scaling``), null when scaling is off.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date, timedelta
 
 from pyspark import StorageLevel
@@ -357,33 +358,37 @@ def run(spark: SparkSession, cfg: Config) -> None:
         raise ConfigError("cdr.scaling: no scaling weight matches a unit with baseline residents")
 
     gold = [
-        ("gold.cdr_presence_daily", with_estimate(presence(daily), weights, "unit", "n_subscribers"), (start, end)),
-        ("gold.cdr_od_daily", with_estimate(od_daily(daily), weights, "origin", "n_subscribers"), (start, end)),
+        ("gold.cdr_presence_daily", with_estimate(presence(daily), weights, "unit", "n_subscribers"), (start, end),
+         scope),
+        ("gold.cdr_od_daily", with_estimate(od_daily(daily), weights, "origin", "n_subscribers"), (start, end), scope),
         ("gold.cdr_od_weekly", with_estimate(od_weekly(daily, start, end), weights, "origin", "n_subscribers"),
-         (start - timedelta(days=start.weekday()), end)),
+         (start - timedelta(days=start.weekday()), end), scope),
         ("gold.cdr_od_home_current",
-         with_estimate(od_home_current(daily, baseline_homes), weights, "origin", "n_subscribers"), (start, end)),
+         with_estimate(od_home_current(daily, baseline_homes), weights, "origin", "n_subscribers"), (start, end),
+         scope),
     ]
-    for name, df, period in gold:
-        with stage(f"cdr.{name.split('.', 1)[1]} -> gold") as st:
-            st.rows_in = res.rows_written
-            st.rows_out = lake.write(df, name, period=period, scope=scope).rows_written
-
-    daily.unpersist()
-    if len(windows) == 1:
+    if len(windows) > 1:
+        assert cdr.event_date is not None
+        od, share = displacement(homes, cdr.event_date)
+        d_scope = {**scope, "event_date": cdr.event_date}
+        d_period = (windows[1][1], windows[-1][1])
+        gold += [
+            ("gold.cdr_displacement", with_estimate(od, weights, "origin", "n_subscribers"), d_period, d_scope),
+            ("gold.cdr_displacement_share", with_estimate(share, weights, "origin", "n_away"), d_period, d_scope),
+        ]
+    else:
         log.info("cdr.mobility: no cdr.event_date inside the period; displacement tables not written")
-        return
-    assert cdr.event_date is not None
-    od, share = displacement(homes, cdr.event_date)
-    d_scope = {**scope, "event_date": cdr.event_date}
-    d_period = (windows[1][1], windows[-1][1])
-    with stage("cdr.displacement -> gold") as st:
-        st.rows_out = lake.write(
-            with_estimate(od, weights, "origin", "n_subscribers"), "gold.cdr_displacement",
-            period=d_period, scope=d_scope,
-        ).rows_written
-    with stage("cdr.displacement_share -> gold") as st:
-        st.rows_out = lake.write(
-            with_estimate(share, weights, "origin", "n_away"), "gold.cdr_displacement_share",
-            period=d_period, scope=d_scope,
-        ).rows_written
+
+    def write_gold(name: str, df: DataFrame, period: tuple[date, date], where: dict) -> None:
+        with stage(f"cdr.{name.split('.', 1)[1]} -> gold") as st:
+            st.rows_in = None if name.startswith("gold.cdr_displacement") else res.rows_written
+            st.rows_out = lake.write(df, name, period=period, scope=where).rows_written
+
+    # The gold tables are small and independent: their Spark jobs and Delta commits run side by side
+    # (spark.concurrent_jobs at once), so the cores are not idle between one table's jobs and the next.
+    try:
+        with ThreadPoolExecutor(max_workers=cfg.spark.concurrent_jobs) as pool:
+            for f in [pool.submit(write_gold, *g) for g in gold]:
+                f.result()
+    finally:
+        daily.unpersist()
