@@ -14,7 +14,6 @@ from lib.config import PseudonymSettings
 from lib.privacy.pseudonym import (
     PseudonymKeyError,
     load_key,
-    pseudonym_column,
     pseudonymise_values,
     with_pseudonyms,
 )
@@ -46,7 +45,7 @@ def test_spark_columns_match_trim_and_keep_the_key_out_of_plans(spark: SparkSess
     plan = out._jdf.queryExecution().toString().lower()  # noqa: SLF001 - parsed, analysed, optimised, physical
     key_bytes = key if len(key) <= 64 else hashlib.sha256(key).digest()
     assert key_bytes.hex() not in plan and bytes(b ^ 0x36 for b in key_bytes).hex() not in plan
-    assert pseudonym_column(df, "msisdn", key, "p").filter("p IS NOT NULL").count() == 2
+    assert with_pseudonyms(df, {"p": "msisdn"}, key).filter("p IS NOT NULL").count() == 2
 
 
 def test_no_key_refuses() -> None:

@@ -97,14 +97,6 @@ def daily_from_stats(stats: DataFrame, rule: str, spatial_unit: str, name: str) 
     )
 
 
-def daily_locations(
-    events: DataFrame, rule: str, spatial_unit: str, hours: tuple[int, int] | None = None
-) -> DataFrame:
-    """One unit per subscriber per day from events (subscriber_id, event_time, date, unit; see
-    events_with_units), counting only events inside ``hours`` when given."""
-    return daily_from_stats(unit_day_stats(events, {"w": hours}), rule, spatial_unit, "w")
-
-
 ACTIVITY_REASONS = ("too_few_events", "too_many_events_per_day_on_average", "too_many_events_on_one_day")
 
 
@@ -357,15 +349,17 @@ def run(spark: SparkSession, cfg: Config) -> None:
     if cdr.scaling.enabled() and not weights:
         raise ConfigError("cdr.scaling: no scaling weight matches a unit with baseline residents")
 
-    gold = [
+    n_daily = res.rows_written
+    gold = [  # (table, rows, period, scope, rows in: the daily locations it derives from)
         ("gold.cdr_presence_daily", with_estimate(presence(daily), weights, "unit", "n_subscribers"), (start, end),
-         scope),
-        ("gold.cdr_od_daily", with_estimate(od_daily(daily), weights, "origin", "n_subscribers"), (start, end), scope),
+         scope, n_daily),
+        ("gold.cdr_od_daily", with_estimate(od_daily(daily), weights, "origin", "n_subscribers"), (start, end), scope,
+         n_daily),
         ("gold.cdr_od_weekly", with_estimate(od_weekly(daily, start, end), weights, "origin", "n_subscribers"),
-         (start - timedelta(days=start.weekday()), end), scope),
+         (start - timedelta(days=start.weekday()), end), scope, n_daily),
         ("gold.cdr_od_home_current",
          with_estimate(od_home_current(daily, baseline_homes), weights, "origin", "n_subscribers"), (start, end),
-         scope),
+         scope, n_daily),
     ]
     if len(windows) > 1:
         assert cdr.event_date is not None
@@ -373,15 +367,15 @@ def run(spark: SparkSession, cfg: Config) -> None:
         d_scope = {**scope, "event_date": cdr.event_date}
         d_period = (windows[1][1], windows[-1][1])
         gold += [
-            ("gold.cdr_displacement", with_estimate(od, weights, "origin", "n_subscribers"), d_period, d_scope),
-            ("gold.cdr_displacement_share", with_estimate(share, weights, "origin", "n_away"), d_period, d_scope),
+            ("gold.cdr_displacement", with_estimate(od, weights, "origin", "n_subscribers"), d_period, d_scope, None),
+            ("gold.cdr_displacement_share", with_estimate(share, weights, "origin", "n_away"), d_period, d_scope,
+             None),
         ]
     else:
         log.info("cdr.mobility: no cdr.event_date inside the period; displacement tables not written")
 
-    def write_gold(name: str, df: DataFrame, period: tuple[date, date], where: dict) -> None:
-        with stage(f"cdr.{name.split('.', 1)[1]} -> gold") as st:
-            st.rows_in = None if name.startswith("gold.cdr_displacement") else res.rows_written
+    def write_gold(name: str, df: DataFrame, period: tuple[date, date], where: dict, rows_in: int | None) -> None:
+        with stage(f"cdr.{name.split('.', 1)[1]} -> gold", rows_in) as st:
             st.rows_out = lake.write(df, name, period=period, scope=where).rows_written
 
     # The gold tables are small and independent: their Spark jobs and Delta commits run side by side

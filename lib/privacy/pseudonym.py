@@ -130,7 +130,3 @@ def with_pseudonyms(df: DataFrame, outputs: Mapping[str, Column | str], key: byt
     joined = df.crossJoin(F.broadcast(pads))
     return joined.select(*df.columns, *[hmac_hex(c).alias(n) for n, c in outputs.items()])
 
-
-def pseudonym_column(df: DataFrame, col: Column | str, key: bytes, name: str = "pseudonym") -> DataFrame:
-    """``df`` with one pseudonym column ``name`` of ``col`` (see :func:`with_pseudonyms`)."""
-    return with_pseudonyms(df, {name: col}, key)
