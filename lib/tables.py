@@ -159,15 +159,26 @@ class Lakehouse:
     # ------------------------------------------------------------------ creation
 
     def ensure(self, name: str) -> DeltaTable:
-        """Create the table if needed (schema, partitions, properties, constraints); return it."""
+        """Create the table if needed (schema, partitions, properties, constraints); return it.
+
+        A new table gets its CHECK constraints in the creating commit (Delta keeps
+        them as ``delta.constraints.*`` properties; an empty table has nothing to
+        validate). An existing table is brought to the registered schema and gets
+        any missing constraint with ALTER TABLE ADD CONSTRAINT, which first checks
+        the rows already there.
+        """
         s = spec(name)
         location = self.location(name)
+        new = not DeltaTable.isDeltaTable(self.spark, location)
         builder = DeltaTable.createIfNotExists(self.spark).location(location).addColumns(s.schema)
         builder = builder.comment(s.description)
         if s.partition_by:
             builder = builder.partitionedBy(*s.partition_by)
         for key, value in s.table_properties().items():
             builder = builder.property(key, value)
+        if new:
+            for cname, expr in s.constraints.items():
+                builder = builder.property(f"delta.constraints.{cname.lower()}", expr)
         table = builder.execute()
         self._evolve(name, table)
         present = self.properties(name)

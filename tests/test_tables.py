@@ -58,9 +58,9 @@ def test_round_trip_time_travel_and_history(spark: SparkSession, lake: Lakehouse
     ts = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t_between)) + f".{int(t_between * 1000) % 1000:03d}"
     assert content(lake, timestamp=ts) == [(D1, "a", 20), (D2, "a", 30)]
     history = lake.history("silver.test_measures").orderBy("version").collect()
-    # create (with properties), add the CHECK constraint, write, append
-    assert [h["version"] for h in history] == [0, 1, 2, 3]
-    assert [h["operation"] for h in history][1:] == ["ADD CONSTRAINT", "WRITE", "WRITE"]
+    # create (with properties and the CHECK constraint), write, append
+    assert [h["version"] for h in history] == [0, 1, 2]
+    assert [h["operation"] for h in history][1:] == ["WRITE", "WRITE"]
     props = lake.properties("silver.test_measures")
     assert props["migralake.layer"] == "silver" and props["migralake.owner_job"] == "tests"
     assert props["delta.constraints.count_at_least_one"] == "n_subscribers >= 1"
@@ -90,6 +90,25 @@ def test_check_constraint_rejects_and_leaves_table_unchanged(spark: SparkSession
         lake.write(rows(spark, [(D2, "a", 5), (D2, "b", 0)]), "silver.test_measures", mode="append")
     assert content(lake) == [(D1, "a", 20)]
     assert lake.version("silver.test_measures") == version
+
+
+def test_existing_table_gets_a_missing_constraint_after_checking_its_rows(spark: SparkSession,
+                                                                         lake: Lakehouse) -> None:
+    # a table written before the constraint was registered: ensure() adds it with ALTER TABLE, which checks
+    # the rows already there
+    location = lake.location("silver.test_measures")
+    rows(spark, [(D1, "a", 20)]).write.format("delta").partitionBy("date").save(location)
+    lake.ensure("silver.test_measures")
+    assert lake.properties("silver.test_measures")["delta.constraints.count_at_least_one"] == "n_subscribers >= 1"
+    assert lake.history("silver.test_measures", limit=1).first()["operation"] == "ADD CONSTRAINT"
+    with pytest.raises(Exception, match="count_at_least_one"):
+        lake.write(rows(spark, [(D2, "b", 0)]), "silver.test_measures", mode="append")
+    # and refuses to add it over rows that break it
+    lake.delete_path(location)
+    rows(spark, [(D1, "a", 0)]).write.format("delta").partitionBy("date").save(location)
+    with pytest.raises(Exception, match="(?i)count_at_least_one|violate"):
+        lake.ensure("silver.test_measures")
+    assert "delta.constraints.count_at_least_one" not in lake.properties("silver.test_measures")
 
 
 def test_failed_first_write_leaves_no_table(spark: SparkSession, lake: Lakehouse) -> None:
