@@ -270,6 +270,7 @@ class SocialSettings(_Section):
     label_map: dict[str, str] = Field(default_factory=dict)  # model label -> negative/neutral/positive
     batch_size: int = Field(64, ge=1, le=4096)
     torch_threads: int = Field(1, ge=1, le=256)  # per Python worker; workers = Spark task slots
+    tasks_per_slot: int = Field(1, ge=1, le=64)  # scoring tasks per Spark task slot
     # auto: bf16 on CPUs with native bfloat16 (AVX512-BF16, AMX), else fp32; int8: dynamic quantisation
     # (check the label agreement ./bench/run social prints before using bf16 or int8 with another model)
     precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"

@@ -68,6 +68,8 @@ def get_spark(settings: SparkSettings | None = None, master: str | None = None) 
         "spark.sql.session.timeZone": "UTC",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.execution.arrow.pyspark.fallback.enabled": "false",
+        # Python workers fork from our daemon, which can import a job's heavy modules once (lib/pydaemon.py).
+        "spark.python.daemon.module": "lib.pydaemon",
         "spark.sql.shuffle.partitions": str(settings.shuffle_partitions),
         "spark.sql.adaptive.enabled": "true",
         "spark.ui.showConsoleProgress": str(settings.show_progress).lower(),

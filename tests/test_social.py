@@ -192,6 +192,56 @@ def test_transformers_path_with_a_tiny_model(spark, tmp_path) -> None:  # type: 
     assert (out.groupby("pid")["scorer"].nunique() == 1).all()
 
 
+def test_workers_fork_from_a_preloaded_daemon_and_reuse_the_warmed_model(spark, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from lib import pydaemon
+
+    path = tiny_model(tmp_path / "tiny", {0: "negative", 1: "neutral", 2: "positive"})
+    kw = {"model_path": str(path), "label_map": {}, "threads": 1, "precision": "fp32"}
+
+    def state(batches):  # type: ignore[no-untyped-def]
+        import os
+        import sys
+
+        for _ in batches:
+            pass
+        with open(f"/proc/{os.getppid()}/maps") as f:  # the daemon this worker was forked from
+            daemon_torch = "libtorch_cpu" in f.read()
+        cache = sys.modules["jobs.social.model"]._CACHE if "jobs.social.model" in sys.modules else {}
+        yield pd.DataFrame({"daemon": [os.getppid()], "daemon_torch": [daemon_torch],
+                            "loaded": [any(k[0] == str(path) for k in cache)]})
+
+    schema = "daemon int, daemon_torch boolean, loaded boolean"
+    plain = spark.range(1, numPartitions=1).mapInPandas(state, schema).first()
+    assert not plain["daemon_torch"] and not plain["loaded"]  # Spark's ordinary daemon imports nothing
+    env = {pydaemon.PRELOAD_ENV: "jobs.social.model", models.PRELOAD_MODEL_ENV: str(path)}
+    with pydaemon.worker_environment(spark, env):
+        warm = sentiment.warm_workers(spark, 1, kw)
+        probe = spark.range(1, numPartitions=1).mapInPandas(state, schema)
+    assert pydaemon.PRELOAD_ENV not in spark.sparkContext.environment  # restored for later functions
+    warm.join()
+    after = probe.first()
+    # a daemon of its own that has torch loaded; the worker the warm-up loaded the model into is reused
+    assert after["daemon"] != plain["daemon"] and after["daemon_torch"] and after["loaded"]
+    again = spark.range(1, numPartitions=1).mapInPandas(state, schema).first()
+    assert again["daemon"] == plain["daemon"] and not again["daemon_torch"]
+
+
+def test_daemon_preload_imports_the_model_classes_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    path = tiny_model(tmp_path / "tiny", {0: "negative", 1: "neutral", 2: "positive"})
+    code = ("import sys; from lib.pydaemon import preload; "
+            "done = preload('jobs.social.model, no_such_module_here'); "
+            "print(done, 'transformers.models.bert.modeling_bert' in sys.modules, "
+            "len(sys.modules['jobs.social.model']._CACHE))")
+    env = {**__import__("os").environ, "MIGRALAKE_SENTIMENT_MODEL": str(path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    # imported, the model's module included, no weights loaded; a module that fails is reported and skipped
+    assert out.stdout.split() == ["['jobs.social.model']", "True", "0"]
+    assert "preloading no_such_module_here failed (ModuleNotFoundError" in out.stderr
+
+
 @needs_offline_model
 def test_offline_default_model_gets_obvious_english_right() -> None:
     scorer = models.Scorer(models.OFFLINE_DEFAULT)

@@ -195,6 +195,27 @@ class Scorer:
                       p_negative=probs[:, 0], p_neutral=probs[:, 1], p_positive=probs[:, 2])
 
 
+PRELOAD_MODEL_ENV = "MIGRALAKE_SENTIMENT_MODEL"
+
+
+def worker_preload() -> None:
+    """Import torch, transformers and the model's own classes (not its weights) in the worker daemon.
+
+    Called by ``lib.pydaemon`` before it forks the Python workers, for the model
+    named by ``$MIGRALAKE_SENTIMENT_MODEL``: every worker then starts with these
+    imports done (several seconds each) and only reads the weights.
+    """
+    where = os.environ.get(PRELOAD_MODEL_ENV)
+    if not where:
+        return
+    import torch  # noqa: F401
+    from transformers import AutoConfig, AutoTokenizer  # noqa: F401
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    config = AutoConfig.from_pretrained(where, local_files_only=Path(where).is_dir() or None)
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]  # imports the model's module
+
+
 _CACHE: dict[tuple, Scorer] = {}
 _LOCK = threading.Lock()
 

@@ -13,12 +13,17 @@ wheel, 97 languages, ~1 ms a post), migration terms (word boundaries, case- and
 accent-insensitive), place (coordinates or place centre -> H3 and admin area),
 and sentiment of on-topic posts with the transformers model, loaded once per
 Python worker and applied to length-sorted batches. No text leaves the task.
+The stage's workers fork from a daemon that has imported torch, transformers and
+the model's classes once (lib/pydaemon.py), and a one-task job loads the model
+into a first worker while the posts are read and shuffled.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import threading
 import unicodedata
 from collections.abc import Iterator
 from functools import lru_cache
@@ -34,6 +39,7 @@ from pyspark.sql import functions as F
 from jobs.social import model as models
 from lib import geo
 from lib.config import PROJECT_ROOT, Config, ConfigError
+from lib.pydaemon import PRELOAD_ENV, worker_environment
 from lib.runtime import log, stage
 from lib.tables import Lakehouse, spec
 
@@ -177,6 +183,35 @@ def posts_to_silver(batches: Iterator[pd.DataFrame], *, terms: dict[str, list[st
         yield out
 
 
+def _load_model(batches: Iterator[pd.DataFrame], *, model_path: str, label_map: dict[str, str], threads: int,
+                precision: str, **_: Any) -> Iterator[pd.DataFrame]:
+    for _batch in batches:
+        pass
+    scorer = models.scorer_for(model_path, label_map, threads, precision)
+    yield pd.DataFrame({"pid": [os.getpid()], "precision": [scorer.precision]})
+
+
+def warm_workers(spark: SparkSession, n: int, kw: dict[str, Any]) -> threading.Thread:
+    """Load the model into ``n`` Python workers in the background (a job of ``n`` one-row tasks).
+
+    Python workers are reused by later tasks with the same environment, so the
+    scoring tasks find the model loaded. Only a head start: if it fails, the
+    scoring tasks load the model themselves and report any error.
+    """
+    load = spark.range(n, numPartitions=n).mapInPandas(lambda it: _load_model(it, **kw),
+                                                     schema="pid int, precision string")
+
+    def run() -> None:
+        try:
+            load.collect()
+        except Exception as exc:  # noqa: BLE001 - the scoring stage reports model errors itself
+            log.debug("social.sentiment: loading the model ahead of scoring failed: %s", exc)
+
+    thread = threading.Thread(target=run, name="warm-workers", daemon=True)
+    thread.start()
+    return thread
+
+
 # ----------------------------------------------------------------------------- gold
 
 
@@ -282,18 +317,26 @@ def score(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         # One silver row per post: a post delivered twice keeps its first delivery (the other is a flagged
         # duplicate in bronze); copies under other ids are separate posts, flagged is_duplicate.
         first = Window.partitionBy("post_key").orderBy("is_duplicate", "source_file", "line_number")
-        # One shuffle: hash-partitioned by post_key, which the window needs too. Four tasks per slot, so a
-        # worker that started late (loading the model) does not leave the other slot idle at the end.
         slots = max(spark.sparkContext.defaultParallelism, 1)
-        posts = (bronze.repartition(slots * 4, "post_key").withColumn("_n", F.row_number().over(first))
-                 .filter(F.col("_n") == 1)
-                 .select("post_key", "author_key", "created_at", "date", "text", "lang_field", "longitude",
-                         "latitude", "is_retweet", "is_duplicate"))
-        silver = posts.mapInPandas(lambda it: posts_to_silver(it, **kw), schema=silver_schema)
+        # The stage's workers fork from a daemon that imports torch, transformers and the model's classes once
+        # (lib/pydaemon.py). A one-task job starts that daemon and loads the model into a first worker while
+        # the other task slot reads and shuffles the posts; later workers fork from the daemon with the
+        # imports done and only read the weights.
+        with worker_environment(spark, {PRELOAD_ENV: "jobs.social.model",
+                                        models.PRELOAD_MODEL_ENV: kw["model_path"]}):
+            warm = warm_workers(spark, 1, kw)
+            # One shuffle: hash-partitioned by post_key, which the window needs too; tasks_per_slot tasks per
+            # slot (each task pays a fixed cost of a second or two; more tasks even out unequal ones).
+            posts = (bronze.repartition(slots * social.tasks_per_slot, "post_key")
+                     .withColumn("_n", F.row_number().over(first)).filter(F.col("_n") == 1)
+                     .select("post_key", "author_key", "created_at", "date", "text", "lang_field", "longitude",
+                             "latitude", "is_retweet", "is_duplicate"))
+            silver = posts.mapInPandas(lambda it: posts_to_silver(it, **kw), schema=silver_schema)
         if lake.exists("silver.social_posts"):
             res = lake.merge(silver, "silver.social_posts")
         else:
             res = lake.write(silver, "silver.social_posts")
+        warm.join()
         st.rows_out = res.rows_written
     # silver is read once for the eight gold aggregates and the summary
     scored = lake.read("silver.social_posts").select(
