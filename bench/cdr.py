@@ -1,6 +1,6 @@
 """CDR benchmark: N synthetic events through the whole Spark pipeline vs an independent DuckDB reference.
 
-    ./bench/run cdr [--events N] [--days D] [--workdir DIR]
+    ./bench/run cdr [--events N] [--days D] [--floor] [--workdir DIR]
 
 1. Generates about N events (FlowDB layout, Parquet, 1% bad rows and duplicates)
    with the demo generator (not timed).
@@ -10,6 +10,10 @@
 3. Runs bench/cdr_reference.py in its own process: the same daily locations,
    baseline homes and consecutive-day OD matrix in DuckDB SQL over the same files,
    timed, then compared row by row with the pipeline's tables.
+4. With --floor: bench/cdr_spark_sql.py, the reference's statements in bare
+   Spark SQL in the same session (no Delta, quarantine or other tables), timed
+   and compared with the reference too: what Spark alone needs for that work
+   here (spark_sql_floor_seconds, floor_ratio).
 
 Prints progress to stderr and, last, one JSON object: events, spark_seconds,
 reference_seconds, ratio (spark / reference), events_per_second, identical,
@@ -59,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events-per-day", type=float, default=6.0)
     p.add_argument("--workdir", default="build/bench/cdr")
     p.add_argument("--driver-memory", default="4g")
+    p.add_argument("--floor", action="store_true",
+                   help="also time the reference's statements in bare Spark SQL (bench/cdr_spark_sql.py)")
     a = p.parse_args(argv)
     if a.events < 1000:
         p.error("--events must be at least 1000")
@@ -105,13 +111,24 @@ def main(argv: list[str] | None = None) -> int:
     lake.read("gold.cdr_od_daily").select("date", "origin", "destination", "n_subscribers") \
         .write.parquet(str(out / "od_daily"))
     jvm_peak = jvm_peak_rss_mb(spark)
-    spark.stop()
-    python_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     c = run_cfg.cdr
     start, end = run_cfg.period.start, run_cfg.period.end
     assert start is not None and end is not None
     b_start, b_end = mobility.baseline_window(start, end, c.event_date, c.baseline_days)
+    floor_seconds = None
+    if a.floor:
+        from bench import cdr_spark_sql
+
+        floor_seconds = cdr_spark_sql.run(
+            spark, inputs=cdr_dir, cells=cdr_dir / "cells.csv", admin2=cdr_dir / "admin2.geojson",
+            start=str(start), end=str(end), n_days=(end - start).days + 1, baseline_start=str(b_start),
+            baseline_end=str(b_end), min_events=c.min_events, max_mean=c.max_mean_events_per_day,
+            max_day=c.max_events_single_day, home_min_days=c.home_min_days,
+            key=os.environ["MIGRALAKE_PSEUDONYM_KEY"].encode("utf-8"), out=work / "floor_out")
+        print(f"bench cdr: bare Spark SQL floor {floor_seconds:.1f} s", file=sys.stderr)
+    spark.stop()
+    python_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cmd = [
         sys.executable, "-m", "bench.cdr_reference",
         "--inputs", str(cdr_dir), "--cells", str(cdr_dir / "cells.csv"), "--admin2", str(cdr_dir / "admin2.geojson"),
@@ -120,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "--min-events", str(c.min_events), "--max-mean", str(c.max_mean_events_per_day),
         "--max-day", str(c.max_events_single_day), "--home-min-days", str(c.home_min_days),
         "--out", str(work / "reference_out"), "--spark-out", str(out),
-    ]
+    ] + (["--floor-out", str(work / "floor_out")] if a.floor else [])
     if c.home_night_hours != (19, 7) or c.daily_location_rule != "last" or c.hours is not None \
             or c.spatial_unit != "admin2":
         raise SystemExit("bench cdr: the reference implements the default rules only")
@@ -136,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         "ratio": round(spark_seconds / ref["reference_seconds"], 2),
         "events_per_second": round(events / spark_seconds),
         "identical": all(v == 0 for v in ref["differences"].values()) and ref["rows"]["daily_locations"] > 0,
+        **({"spark_sql_floor_seconds": round(floor_seconds, 2),
+            "floor_ratio": round(floor_seconds / ref["reference_seconds"], 2),
+            "floor_identical": all(v == 0 for v in ref["floor_differences"].values())}
+           if floor_seconds is not None else {}),
         "rows": ref["rows"],
         "differences": ref["differences"],
         "driver_jvm_peak_rss_mb": jvm_peak,
