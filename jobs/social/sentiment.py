@@ -184,7 +184,7 @@ def posts_to_silver(batches: Iterator[pd.DataFrame], *, terms: dict[str, list[st
 
 
 def _load_model(batches: Iterator[pd.DataFrame], *, model_path: str, label_map: dict[str, str], threads: int,
-                precision: str, **_: Any) -> Iterator[pd.DataFrame]:
+                precision: str) -> Iterator[pd.DataFrame]:
     for _batch in batches:
         pass
     scorer = models.scorer_for(model_path, label_map, threads, precision)
@@ -198,7 +198,8 @@ def warm_workers(spark: SparkSession, n: int, kw: dict[str, Any]) -> threading.T
     scoring tasks find the model loaded. Only a head start: if it fails, the
     scoring tasks load the model themselves and report any error.
     """
-    load = spark.range(n, numPartitions=n).mapInPandas(lambda it: _load_model(it, **kw),
+    model_kw = {k: kw[k] for k in ("model_path", "label_map", "threads", "precision")}
+    load = spark.range(n, numPartitions=n).mapInPandas(lambda it: _load_model(it, **model_kw),
                                                      schema="pid int, precision string")
 
     def run() -> None:
