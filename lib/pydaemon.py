@@ -10,8 +10,8 @@ A job asks for preloading through the environment of its Python functions
 (``SparkContext.environment``, captured when a UDF is built; see
 :func:`worker_environment`): ``MIGRALAKE_WORKER_PRELOAD`` names modules,
 comma-separated; a named module that defines ``worker_preload()`` has it
-called too (it reads its own settings from the same environment). Jobs that
-set nothing get Spark's plain daemon. A preload that fails is reported on
+called too (it reads its own settings from the same environment). For jobs
+that set nothing it preloads nothing and is Spark's plain daemon. A preload that fails is reported on
 stderr and skipped: the worker then imports what it needs itself and reports
 any real error from the task.
 
