@@ -52,8 +52,13 @@ def exports_root(cfg: Config) -> Path:
     return p if p.is_absolute() else PROJECT_ROOT / p
 
 
-def verify_files(folder: Path, audit_files: dict[str, str] | None = None) -> list[tuple[str, bool, str]]:
-    """(check, passed, detail) for a published release folder."""
+def verify_files(folder: Path, audit_files: dict[str, str] | None = None,
+                 spark: SparkSession | None = None) -> list[tuple[str, bool, str]]:
+    """(check, passed, detail) for a published release folder.
+
+    With ``spark``, the attacker check runs one task per slice on the executors (a national release in
+    minutes); without, slice after slice in this process.
+    """
     results: list[tuple[str, bool, str]] = []
 
     def add(check: str, ok: bool, detail: str) -> None:
@@ -107,24 +112,25 @@ def verify_files(folder: Path, audit_files: dict[str, str] | None = None) -> lis
         leaked = cells.loc[cells["status"] != "released", measures].notna().sum()
         add("withheld measures", not leaked.any(), f"{len(measures)} measures empty on every withheld cell"
             if not leaked.any() else f"withheld cells carry measures: {leaked[leaked > 0].to_dict()}")
-    problems = []
     tol = (rules.get("rounding_base") or 0) / 2
-    groups = [((), cells)] if not slice_by else cells.groupby(slice_by, sort=True, dropna=False)
-    mgroups = {(): margins} if not slice_by else {
-        (k if isinstance(k, tuple) else (k,)): g for k, g in margins.groupby(slice_by, sort=True, dropna=False)}
-    extra_cols = list(dict.fromkeys(c for m in dims["margins"] for c in m if c not in cell_dims))
-    for key, part in groups:
-        key = key if isinstance(key, tuple) else (key,)
-        part = part.reset_index(drop=True)
-        specs = dims["margins"]
-        mpart = mgroups.get(key, margins.iloc[0:0])
-        mpart = mpart[mpart["margin"].isin([guard.margin_name(m) for m in specs])]
-        for p in guard.check_published(part, mpart, [*cell_dims, *extra_cols], n, threshold, specs, tolerance=tol,
-                                       exact=not rules.get("noise")):
-            problems.append(f"slice {dict(zip(slice_by, map(str, key), strict=True))}: {p}")
+    exact = not rules.get("noise")
+    if spark is not None:
+        problems = attacker_check_on_spark(spark, folder, slice_by, cell_dims, dims["margins"], n, threshold, tol,
+                                           exact)
+        n_slices = len(cells.groupby(slice_by, dropna=False)) if slice_by else 1
+    else:
+        problems = []
+        groups = [((), cells)] if not slice_by else list(cells.groupby(slice_by, sort=True, dropna=False))
+        mgroups = {(): margins} if not slice_by else {
+            (k if isinstance(k, tuple) else (k,)): g for k, g in margins.groupby(slice_by, sort=True, dropna=False)}
+        for key, part in groups:
+            key = key if isinstance(key, tuple) else (key,)
+            problems += check_slice(part, mgroups.get(key, margins.iloc[0:0]), slice_by, cell_dims,
+                                    dims["margins"], n, threshold, tol, exact)
+        n_slices = len(groups)
     leaks = problems
     add("attacker intervals", not leaks, "every withheld cell's interval is wide (upper bound above the "
-        f"threshold, not a single value) across {len(groups) if slice_by else 1} slices" if not leaks
+        f"threshold, not a single value) across {n_slices} slices" if not leaks
         else "; ".join(leaks[:5]) + (f" (+{len(leaks) - 5} more)" if len(leaks) > 5 else ""))
     found = []
     for frame, fname in ((cells, "cells"), (margins, "margins")):
@@ -137,6 +143,42 @@ def verify_files(folder: Path, audit_files: dict[str, str] | None = None) -> lis
     add("no identifiers", not found, "no value looks like a phone number or a pseudonym" if not found
         else "; ".join(found))
     return results
+
+
+def check_slice(part: pd.DataFrame, mpart: pd.DataFrame, slice_by: list[str], cell_dims: list[str],
+                specs: list[list[str]], n: str, threshold: int, tol: float, exact: bool) -> list[str]:
+    """The attacker's findings on one published slice, each prefixed with the slice."""
+    key = {c: str(part[c].iloc[0]) for c in slice_by} if len(part) else {}
+    extra_cols = list(dict.fromkeys(c for m in specs for c in m if c not in cell_dims))
+    mpart = mpart[mpart["margin"].isin([guard.margin_name(m) for m in specs])]
+    try:
+        found = guard.check_published(part.reset_index(drop=True), mpart, [*cell_dims, *extra_cols], n, threshold,
+                                      specs, tolerance=tol, exact=exact)
+    except guard.GuardError as exc:
+        found = [f"cannot be checked: {exc}"]
+    return [f"slice {key}: {p}" for p in found]
+
+
+def attacker_check_on_spark(spark: SparkSession, folder: Path, slice_by: list[str], cell_dims: list[str],
+                            specs: list[list[str]], n: str, threshold: int, tol: float, exact: bool) -> list[str]:
+    """:func:`check_slice` for every slice, one grouped task per slice, from the published Parquet files."""
+    cells = spark.read.parquet(str(folder / "cells.parquet"))
+    margins = spark.read.parquet(str(folder / "margins.parquet"))
+    group = list(slice_by)
+    if not group:
+        cells, margins = cells.withColumn("_slice", F.lit(0)), margins.withColumn("_slice", F.lit(0))
+        group = ["_slice"]
+
+    def fn(part: pd.DataFrame, mpart: pd.DataFrame) -> pd.DataFrame:
+        if part.empty:
+            return pd.DataFrame({"problem": pd.Series([], dtype=str)})
+        found = check_slice(part.drop(columns=["_slice"], errors="ignore"),
+                            mpart.drop(columns=["_slice"], errors="ignore"), slice_by, cell_dims, specs, n,
+                            threshold, tol, exact)
+        return pd.DataFrame({"problem": pd.Series(found, dtype=str)})
+
+    rows = cells.groupBy(*group).cogroup(margins.groupBy(*group)).applyInPandas(fn, schema="problem string")
+    return sorted(r["problem"] for r in rows.collect())
 
 
 def audit_row(lake: Lakehouse, release_id: str) -> dict[str, Any] | None:
@@ -223,7 +265,7 @@ def run(spark: SparkSession, cfg: Config, args: argparse.Namespace) -> int:
         print(f"migralake: no release {args.release_id} (not in audit.releases, no folder {folder})")
         return 2
     audit_files = json.loads(row["files_json"]) if row else None
-    results = verify_files(folder, audit_files)
+    results = verify_files(folder, audit_files, spark)
     if row is None:
         results.append(("audit record", False, f"{args.release_id} is not in audit.releases"))
     passed = all(ok for _, ok, _ in results)

@@ -30,14 +30,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from lib import publish
 from lib.config import PROJECT_ROOT, Config
-from lib.privacy import guard
+from lib.privacy import guard, slices
 from lib.privacy.policy import PolicyError, ReleaseType, effective, load_policy, policy_hash, snapshot
 from lib.runtime import log, stage
 from lib.tables import Lakehouse, TableError, TableSpec, register, spec
@@ -159,19 +159,26 @@ def sync_constraints(lake: Lakehouse, name: str) -> None:
 # ----------------------------------------------------------------------------- inputs
 
 
-def parents(lake: Lakehouse, rt: ReleaseType, frame: pd.DataFrame) -> pd.DataFrame:
-    """Add the parent columns named by the hierarchy (CDR: admin1 of each admin2 unit)."""
+def with_parents(lake: Lakehouse, rt: ReleaseType, df: DataFrame) -> DataFrame:
+    """Add the parent columns named by the hierarchy (CDR: admin1 of each admin2 unit), as a Spark join.
+
+    Rows at another spatial level than the child's (e.g. admin1 rows next to admin2 ones) are their own
+    parent; an admin2 unit with no parent is an error naming the units.
+    """
     for child, parent in rt.hierarchy.items():
         if rt.owner != "cdr":
             raise ReleaseError(f"hierarchy {child} -> {parent}: only CDR units have a parent lookup")
-        cells = lake.read("silver.cdr_cells").select("admin2", "admin1").distinct().toPandas()
-        lookup = dict(zip(cells["admin2"], cells["admin1"], strict=True))
-        frame[parent] = frame[child].map(lookup)
-        missing = frame.loc[frame[parent].isna(), child].unique()
-        if len(missing):
-            raise ReleaseError(f"hierarchy {child} -> {parent}: no parent for {list(missing)[:5]} "
+        lookup = (lake.read("silver.cdr_cells").select(F.col("admin2").alias("_child"), F.col(parent).alias("_parent"))
+                  .distinct())
+        df = df.join(F.broadcast(lookup), df[child] == lookup["_child"], "left")
+        at_child = (F.col("spatial_unit") == "admin2") if "spatial_unit" in df.columns else F.lit(True)
+        df = df.withColumn(parent, F.when(at_child, F.col("_parent")).otherwise(F.col(child).cast("string")))
+        missing = [r[child] for r in df.filter(F.col(parent).isNull()).select(child).distinct().limit(5).collect()]
+        if missing:
+            raise ReleaseError(f"hierarchy {child} -> {parent}: no parent for {missing} "
                                "(spatial unit is not admin2?)")
-    return frame
+        df = df.drop("_child", "_parent")
+    return df
 
 
 def owner_inputs(rt: ReleaseType) -> list[str]:
@@ -185,54 +192,17 @@ def owner_inputs(rt: ReleaseType) -> list[str]:
     return list(getattr(module, "INPUTS", []))
 
 
-def owner_prepare(cfg: Config, rt: ReleaseType, frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Let the owning pipeline apply its spatial rules before the guard (settlement layers: coarsen H3
-    cells in sensitive zones to the policy's minimum resolution). Returns the frame and counts to record."""
+def owner_prepare(cfg: Config, rt: ReleaseType) -> slices.Prepare | None:
+    """The owning pipeline's per-slice preparation before the guard (settlement layers: coarsen H3 cells
+    in sensitive zones to the policy's minimum resolution), run on the executors; None when it has none."""
     import importlib
 
     try:
         module = importlib.import_module(f"jobs.{rt.owner}.release_hooks")
     except ModuleNotFoundError:
-        return frame, {}
-    return module.prepare(cfg, rt, frame)
-
-
-def with_measures(cells: pd.DataFrame, frame: pd.DataFrame, rt: ReleaseType) -> pd.DataFrame:
-    """Attach the measure columns to the guarded cells; withheld cells get none (empty, never zero)."""
-    if not rt.measures:
-        return cells
-    keys = [*rt.slice_by, *rt.cells]
-    out = cells.merge(frame[keys + rt.measures], on=keys, how="left", validate="one_to_one")
-    out.loc[out["status"] != guard.RELEASED, rt.measures] = np.nan
-    return out
-
-
-def run_guard(frame: pd.DataFrame, rt: ReleaseType, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Guard every slice; cells and margins with the slice columns, and summed counts."""
-    extra = list(dict.fromkeys(c for m in rt.margins for c in m if c not in rt.cells))
-    dims = [*rt.cells, *extra]
-    cells_out, margins_out = [], []
-    totals: dict[str, int] = {}
-    per_slice = []
-    groups = [((), frame)] if not rt.slice_by else frame.groupby(rt.slice_by, sort=True, dropna=False)
-    for key, part in groups:
-        key = key if isinstance(key, tuple) else (key,)
-        noise = rt.noise.model_dump() if rt.noise else None
-        p = guard.protect(part[dims + [rt.count_column]].reset_index(drop=True), dims, rt.count_column,
-                          rt.suppress_at_or_below, rt.margins, rounding_base=rt.rounding_base, noise=noise,
-                          seed=guard.seed_for(seed, *key))
-        for col, val in zip(rt.slice_by, key, strict=True):
-            p.cells.insert(0, col, val)
-            p.margins.insert(0, col, val)
-        cells_out.append(p.cells)
-        margins_out.append(p.margins)
-        for k, v in p.counts.items():
-            totals[k] = totals.get(k, 0) + v
-        per_slice.append({**dict(zip(rt.slice_by, map(str, key), strict=True)), **p.counts})
-    totals["slices"] = len(per_slice)
-    cells = pd.concat(cells_out, ignore_index=True) if cells_out else pd.DataFrame()
-    margins = pd.concat(margins_out, ignore_index=True) if margins_out else pd.DataFrame()
-    return cells, margins, {"totals": totals, "per_slice": per_slice}
+        return None
+    prepare = module.prepare
+    return lambda frame: prepare(cfg, rt, frame)  # type: ignore[no-any-return]
 
 
 def spatial_files(cfg: Config, rt: ReleaseType, cells: pd.DataFrame, folder: Path) -> str | None:
@@ -341,26 +311,40 @@ def release(spark: SparkSession, cfg: Config, release_type: str, requester: str 
     lowest = min(effective(policy, release_type, p, override_reason or "threshold of the export table")[0]
                  .suppress_at_or_below for p in policy.profiles)
     cells_spec, margins_spec = export_specs(release_type, rt, src_spec.schema, min(lowest, rt.suppress_at_or_below))
-    frame = df.select(*dict.fromkeys([*rt.slice_by, *rt.cells, rt.count_column, *rt.measures,
-                                      *owner_inputs(rt)])).toPandas()
-    if frame.empty:
+    df = df.select(*dict.fromkeys([*rt.slice_by, *rt.cells, rt.count_column, *rt.measures, *owner_inputs(rt)]))
+    if df.limit(1).count() == 0:
         raise ReleaseError(f"release {release_type}: {rt.source} has no rows for the period {start}..{end}")
-    frame = parents(lake, rt, frame)
-    frame, prepared = owner_prepare(cfg, rt, frame)
-    content = hashlib.sha256(pd.util.hash_pandas_object(
-        frame.sort_values(list(frame.columns)).reset_index(drop=True), index=False).to_numpy().tobytes()).hexdigest()
-    release_id = f"{release_type}-{phash[:8]}-{content[:12]}"
-    created = datetime.now(UTC).replace(microsecond=0)
+    df = with_parents(lake, rt, df)
 
     with stage(f"release.guard {release_type}") as st:
-        st.rows_in = len(frame)
-        cells, margins, counts = run_guard(frame, rt, seed=guard.seed_for(phash, content))
-        st.rows_out = int((cells["status"] == guard.RELEASED).sum())
-        st.notes.update({k: v for k, v in counts["totals"].items() if k.startswith("withheld")})
-        counts["totals"].update(prepared)
-        cells = with_measures(cells, frame, rt)
+        try:
+            guarded = slices.guard_all(df, rt, seed=phash, prepare=owner_prepare(cfg, rt))
+        except slices.SliceError as exc:
+            raise ReleaseError(f"release {release_type}: {exc}") from None
+        totals = guarded.totals
+        st.rows_in = totals.get("cells_in", 0)
+        st.rows_out = totals.get("cells_in", 0) - sum(totals.get(k, 0) for k in WITHHELD)
+        st.notes.update({k: v for k, v in totals.items() if k.startswith("withheld") or k == "slices"})
+    counts = {"totals": totals, "per_slice": guarded.per_slice}
+    release_id = f"{release_type}-{phash[:8]}-{guarded.content[:12]}"
+    created = datetime.now(UTC).replace(microsecond=0)
+    try:
+        return _publish(spark, cfg, lake, policy, rt, release_type, release_id, created, snap, phash, version,
+                        src_spec.description, (start, end), guarded, counts, cells_spec, margins_spec, requester,
+                        override_reason, overridden)
+    finally:
+        guarded.release()
 
-    # Every withheld cell must pass the attacker check (the guard guarantees it; verify re-derives it).
+
+WITHHELD = ("withheld_primary", "withheld_complementary", "withheld_after_noise")
+
+
+def _publish(spark: SparkSession, cfg: Config, lake: Lakehouse, policy: Any, rt: ReleaseType, release_type: str,
+             release_id: str, created: datetime, snap: dict[str, Any], phash: str, version: int, source_desc: str,
+             period: tuple[Any, Any], guarded: slices.Guarded, counts: dict[str, Any], cells_spec: TableSpec,
+             margins_spec: TableSpec, requester: str | None, override_reason: str | None,
+             overridden: list[str]) -> dict[str, Any]:
+    start, end = period
     if rt.noise:
         dataset = rt.source
         spent = 0.0
@@ -368,7 +352,7 @@ def release(spark: SparkSession, cfg: Config, release_type: str, requester: str 
             row = lake.read("audit.privacy_budget").filter(
                 (F.col("dataset") == dataset) & (F.col("release_id") != release_id)
             ).agg(F.sum("epsilon").alias("e")).first()
-            spent = float(row["e"] or 0.0)
+            spent = float(row["e"] or 0.0) if row else 0.0
         if spent + rt.noise.epsilon > policy.budget.epsilon + 1e-12:
             raise ReleaseError(
                 f"release {release_type}: privacy budget of {dataset} exceeded: spent epsilon {spent:g} + "
@@ -382,18 +366,25 @@ def release(spark: SparkSession, cfg: Config, release_type: str, requester: str 
         log.info("release %s: already released with the same inputs and policy (%s)", release_type, release_id)
         return {"release_id": release_id, "path": str(out_dir), "counts": counts["totals"], "new": False}
 
+    dims = slices.dims_of(rt)
+    order = [*rt.slice_by, *dims]
+    cell_cols = [*rt.slice_by, *dims, rt.count_column, "status", *rt.measures]
+    margin_cols = [*rt.slice_by, "margin", "key", rt.count_column, "status"]
     # Files first (in a temporary folder), then tables, then the audit row: a failure leaves no audit row.
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    cells.to_csv(tmp / "cells.csv", index=False)
-    cells.to_parquet(tmp / "cells.parquet", index=False)
-    margins.to_csv(tmp / "margins.csv", index=False)
-    margins.to_parquet(tmp / "margins.parquet", index=False)
-    spatial = spatial_files(cfg, rt, cells, tmp)
-    from jobs import quicklook
+    with stage(f"release.files {release_type}") as st:
+        publish.write_table(guarded.cells().select(*cell_cols).orderBy(*order), tmp, "cells")
+        publish.write_table(guarded.margins().select(*margin_cols).orderBy(*rt.slice_by, "margin", "key"),
+                            tmp, "margins")
+        st.rows_out = counts["totals"].get("cells_in", 0)
+        focus = slices.most_withheld(guarded.per_slice, rt.slice_by) if len(rt.cells) > 1 else None
+        cells = publish.read_cells(tmp / "cells.parquet", focus)
+        spatial = spatial_files(cfg, rt, cells, tmp)
+        from jobs import quicklook
 
-    plot = quicklook.draw(release_type, rt, cells, tmp / "quicklook.png")
+        plot = quicklook.draw(release_type, rt, cells, tmp / "quicklook.png")
     files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
     manifest = {
         "release_id": release_id,
@@ -407,7 +398,7 @@ def release(spark: SparkSession, cfg: Config, release_type: str, requester: str 
         "override": {"reason": override_reason, "problems": overridden} if overridden else None,
         "dimensions": {"slice_by": rt.slice_by, "cells": rt.cells, "margins": rt.margins,
                        "count_column": rt.count_column, "measures": rt.measures},
-        "data_dictionary": data_dictionary(rt, src_spec.description),
+        "data_dictionary": data_dictionary(rt, source_desc),
         "counts": counts["totals"],
         "files": files,
         "quicklook": plot,
@@ -420,15 +411,15 @@ def release(spark: SparkSession, cfg: Config, release_type: str, requester: str 
     files["manifest.json"] = sha256_file(tmp / "manifest.json")
 
     with stage(f"release.export {release_type}") as st:
-        for s_, data in ((cells_spec, cells), (margins_spec, margins)):
+        for s_, data in ((cells_spec, guarded.cells()), (margins_spec, guarded.margins())):
             sync_constraints(lake, s_.name)
-            sdf = spark.createDataFrame(
-                data.assign(release_id=release_id).astype(object).where(data.assign(release_id=release_id).notna(), None)
-                [s_.schema.fieldNames()], schema=s_.schema)
+            fields = s_.schema.fields
+            sdf = data.withColumn("release_id", F.lit(release_id)).select(
+                *[F.col(f.name).cast(f.dataType).alias(f.name) for f in fields])
             lake.write(sdf, s_.name, mode="append")
             lake.spark.sql(f"ALTER TABLE delta.`{lake.location(s_.name)}` SET TBLPROPERTIES "
                            f"('migralake.policy_hash' = '{phash}', 'migralake.last_release' = '{release_id}')")
-        st.rows_out = len(cells)
+        st.rows_out = counts["totals"].get("cells_in", 0)
         if rt.noise:
             lake.write(spark.createDataFrame([(rt.source, release_id, created.replace(tzinfo=None),
                                                float(rt.noise.epsilon), float(rt.noise.delta or 0.0))],
@@ -442,8 +433,9 @@ def release(spark: SparkSession, cfg: Config, release_type: str, requester: str 
                json.dumps({rt.source: version}), start, end, json.dumps(counts, sort_keys=True),
                json.dumps(files, sort_keys=True), str(out_dir))
         lake.write(spark.createDataFrame([row], schema=RELEASES.schema), "audit.releases", mode="append")
-    log.info("release %s: %s -> %s (%d cells, %d withheld)", release_type, release_id, out_dir, len(cells),
-             int((cells["status"] != guard.RELEASED).sum()))
+    withheld = sum(counts["totals"].get(k, 0) for k in WITHHELD)
+    log.info("release %s: %s -> %s (%d cells, %d withheld)", release_type, release_id, out_dir,
+             counts["totals"].get("cells_in", 0), withheld)
     return {"release_id": release_id, "path": str(out_dir), "counts": counts["totals"], "new": True}
 
 

@@ -37,6 +37,8 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import linprog
 
+from lib.privacy import network
+
 GUARD_VERSION = "2"  # part of every release's policy snapshot: a changed algorithm is a new release
 RELEASED, PRIMARY, COMPLEMENTARY, NOISE = "released", "primary", "complementary", "noise"
 TOTAL = "total"
@@ -131,7 +133,7 @@ def build_slice(
     return s
 
 
-def attacker_intervals(s: Slice, tolerance: float = 0.0) -> dict[int, Interval]:
+def attacker_intervals(s: Slice, tolerance: float = 0.0, only: Sequence[int] | None = None) -> dict[int, Interval]:
     """For every withheld entity, [min, max] of its value given everything published.
 
     Unknowns: the withheld entities (cells at least 1, since a withheld cell is listed
@@ -179,6 +181,8 @@ def attacker_intervals(s: Slice, tolerance: float = 0.0) -> dict[int, Interval]:
         return {e: Interval(-math.inf, math.inf) for e in w} | {-1: Interval(math.nan, math.nan)}
     out: dict[int, Interval] = {}
     for e, j in col.items():
+        if only is not None and e not in only:
+            continue
         c = np.zeros(len(w))
         c[j] = 1
         lo = linprog(c, **kw)
@@ -314,6 +318,26 @@ def perturb(
     return out.astype(np.int64)
 
 
+def validate(cells: pd.DataFrame, dims: Sequence[str], count_col: str, margins: Sequence[Sequence[str]]) -> None:
+    """Refuse a slice that cannot be guarded: missing columns, null, negative or fractional counts,
+    duplicate keys. The message names the column, key and reason."""
+    missing = [c for c in [*dims, count_col, *(c for m in margins for c in m)] if c not in cells.columns]
+    if missing:
+        raise GuardError(f"the policy names columns the table lacks: {sorted(set(missing))}")
+    v = pd.to_numeric(cells[count_col], errors="coerce")
+    if v.isna().any():
+        first = cells.loc[v.isna(), list(dims)].iloc[0].tolist()
+        raise GuardError(f"{count_col} is null or not a number for cell {first}; counts must be exact")
+    bad = (v < 0) | (v != np.floor(v))
+    if bad.any():
+        first = cells.loc[bad, [*dims, count_col]].iloc[0].tolist()
+        raise GuardError(f"{count_col} must be a non-negative integer; cell {first[:-1]} has {first[-1]}")
+    dup = cells.duplicated(list(dims))
+    if dup.any():
+        raise GuardError(f"cells are not unique by {list(dims)}: first duplicate "
+                         f"{cells.loc[dup, list(dims)].iloc[0].tolist()}")
+
+
 def protect(
     cells: pd.DataFrame,
     dims: Sequence[str],
@@ -325,43 +349,82 @@ def protect(
     noise: dict | None = None,
     seed: int = 0,
 ) -> Protected:
-    """Guard one slice; returns cells and margins with status and published counts."""
-    s = build_slice(cells, dims, count_col, threshold, margins)
-    n_primary = sum(e.status == PRIMARY for e in s.entities)
-    if s.entities:
-        suppress(s)
-    n_comp = sum(e.status == COMPLEMENTARY for e in s.entities)
-    released = [i for i, e in enumerate(s.entities) if not e.withheld]
-    published = {i: s.entities[i].value for i in released}
+    """Guard one slice; returns cells and margins with status and published counts.
+
+    Margins that form at most two chains of nested groupings (every policy shipped) are guarded as a
+    flow network (:mod:`lib.privacy.network`: near-linear, exact attacker); any other layout with the
+    linear-programming suppression below.
+    """
+    validate(cells, dims, count_col, margins)
+    cells = cells.reset_index(drop=True)
+    net = network.build(cells, dims, margins) if len(cells) else None
+    if net is None:
+        s = build_slice(cells, dims, count_col, threshold, margins)
+        n_primary = sum(e.status == PRIMARY for e in s.entities)
+        if s.entities:
+            suppress(s)
+        kinds = [e.kind for e in s.entities]
+        keys = [e.key for e in s.entities]
+        values = np.array([e.value for e in s.entities], dtype=np.int64)
+        status = np.array([e.status for e in s.entities], dtype=object)
+    else:
+        kinds, keys = net.kinds, net.keys
+        values = margin_values(cells, count_col, margins, net)
+        primary = values <= threshold
+        n_primary = int(primary.sum())
+        try:
+            held = network.protect(net, values, primary, threshold)
+        except network.Unprotectable as exc:
+            raise GuardError(f"cannot protect {kinds[exc.arc]} {keys[exc.arc]}: {exc}") from None
+        status = np.where(primary, PRIMARY, np.where(held, COMPLEMENTARY, RELEASED)).astype(object)
+    n_comp = int((status == COMPLEMENTARY).sum())
+    comp_total = int(values[status == COMPLEMENTARY].sum())
+    published = np.where(status == RELEASED, values, -1)
+    released = np.flatnonzero(status == RELEASED)
     n_noise = 0
-    if rounding_base or noise:
-        new = perturb(np.array([s.entities[i].value for i in released]), rounding_base=rounding_base,
-                      noise=noise, seed=seed)
-        for i, v in zip(released, new, strict=True):
-            published[i] = int(v)
-            if v <= threshold:  # too small to publish after noise: withheld (post-processing, no new leak)
-                s.entities[i].status = NOISE
-                n_noise += 1
-    cell_rows, margin_rows = [], []
-    for i, e in enumerate(s.entities):
-        count = None if e.withheld else published[i]
-        if e.kind == "cell":
-            cell_rows.append((*e.key, count, e.status))
-        else:
-            margin_rows.append((e.kind, "|".join(map(str, e.key)), count, e.status))
-    out_cells = pd.DataFrame(cell_rows, columns=[*dims, count_col, "status"])
-    out_cells[count_col] = out_cells[count_col].astype("Int64")
-    out_margins = pd.DataFrame(margin_rows, columns=["margin", "key", count_col, "status"])
-    out_margins[count_col] = out_margins[count_col].astype("Int64")
+    if (rounding_base or noise) and len(released):
+        new = perturb(values[released], rounding_base=rounding_base, noise=noise, seed=seed)
+        published[released] = new
+        low = released[new <= threshold]  # too small to publish after noise: withheld (post-processing)
+        status[low] = NOISE
+        n_noise = len(low)
+    n = len(cells)
+    shown = pd.array(np.where(status == RELEASED, published, 0), dtype="Int64")
+    shown[status != RELEASED] = pd.NA
+    out_cells = cells[list(dims)].copy()
+    out_cells[count_col] = shown[:n]
+    out_cells["status"] = status[:n]
+    out_margins = pd.DataFrame({
+        "margin": kinds[n:],
+        "key": ["|".join(map(str, k)) for k in keys[n:]],
+        count_col: shown[n:],
+        "status": status[n:],
+    })
     counts = {
-        "cells_in": len(cells),
-        "margins_in": len(s.entities) - len(cells),
+        "cells_in": n,
+        "margins_in": len(kinds) - n,
         "withheld_primary": n_primary,
         "withheld_complementary": n_comp,
+        "complementary_count_total": comp_total,
         "withheld_after_noise": n_noise,
         "noised_or_rounded": len(released) if (rounding_base or noise) else 0,
     }
     return Protected(out_cells, out_margins, counts)
+
+
+def margin_values(cells: pd.DataFrame, count_col: str, margins: Sequence[Sequence[str]],
+                  net: network.Network) -> np.ndarray:
+    """Cell counts, then each margin entry's sum, in the network's arc order."""
+    v = cells[count_col].to_numpy(dtype=np.int64)
+    parts = [v]
+    for m in margins:
+        if m:
+            parts.append(cells.groupby(list(m), sort=True, dropna=False)[count_col].sum().to_numpy(dtype=np.int64))
+        else:
+            parts.append(np.array([v.sum()], dtype=np.int64))
+    out = np.concatenate(parts)
+    assert len(out) == net.n_arcs
+    return out
 
 
 def check_published(
@@ -380,7 +443,7 @@ def check_published(
     if (shown_m <= threshold).any():
         problems.append(f"{int((shown_m <= threshold).sum())} published margins at or below {threshold}")
     # Rebuild the equation system with placeholders for withheld values.
-    tmp = cells.copy()
+    tmp = cells.reset_index(drop=True).copy()
     tmp["_v"] = tmp[count_col].fillna(0).astype("int64")
     s = build_slice(tmp, dims, "_v", -1, margin_specs)  # threshold -1: nothing primary here
     n = len(tmp)
@@ -399,6 +462,20 @@ def check_published(
             e.status = PRIMARY
         else:
             e.value = int(value)
+    net = network.build(tmp, dims, margin_specs) if (n and exact and tolerance == 0) else None
+    if net is not None:
+        # The flow-network attacker: exact, near-linear; failing cells get their exact interval (first few).
+        published = np.array([np.nan if e.withheld else float(e.value) for e in s.entities])
+        try:
+            findings = network.attack(net, published, threshold)
+        except network.Contradiction:
+            return [*problems, "published cells and margins contradict each other (they must add up exactly)"]
+        exact_iv = attacker_intervals(s, only=[f.arc for f in findings[:5]]) if findings else {}
+        for f in findings:
+            iv = exact_iv.get(f.arc, Interval(f.low, f.high))
+            ent = s.entities[f.arc]
+            problems.append(f"withheld {ent.kind} {ent.key} can be inferred to lie in [{iv.low:g}, {iv.high:g}]")
+        return problems
     intervals = attacker_intervals(s, tolerance)
     if intervals.pop(-1, None) is not None and exact:
         problems.append("published cells and margins contradict each other (they must add up exactly)")
