@@ -348,16 +348,18 @@ def protect(
     rounding_base: int | None = None,
     noise: dict | None = None,
     seed: int = 0,
+    method: str = "auto",
 ) -> Protected:
     """Guard one slice; returns cells and margins with status and published counts.
 
     Margins that form at most two chains of nested groupings (every policy shipped) are guarded as a
     flow network (:mod:`lib.privacy.network`: near-linear, exact attacker); any other layout with the
-    linear-programming suppression below.
+    linear-programming suppression (:func:`suppress`, one LP per withheld cell per round). ``method="lp"``
+    forces the latter (the benchmark's baseline).
     """
     validate(cells, dims, count_col, margins)
     cells = cells.reset_index(drop=True)
-    net = network.build(cells, dims, margins) if len(cells) else None
+    net = network.build(cells, dims, margins) if (len(cells) and method != "lp") else None
     if net is None:
         s = build_slice(cells, dims, count_col, threshold, margins)
         n_primary = sum(e.status == PRIMARY for e in s.entities)

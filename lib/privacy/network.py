@@ -220,12 +220,10 @@ def protect(net: Network, values: np.ndarray, withheld: np.ndarray, threshold: i
         need = threshold + 1 - vals[e]
         delta: dict[int, int] = {}
         while need > 0:
-            path = None
-            for min_cap in (need, 1):
-                path = _cheapest_path(head[e], tail[e], e, min_cap, out_adj, in_adj, tail, head, vals, lb,
-                                      held, cost, delta)
-                if path is not None:
-                    break
+            path = _bfs_path(head[e], tail[e], e, out_adj, in_adj, tail, head, vals, lb, held, delta, 1 << 30)
+            if path is None:
+                path = _cheapest_path(head[e], tail[e], e, 1, out_adj, in_adj, tail, head, vals, lb, held, cost,
+                                      delta)
             if path is None:
                 raise Unprotectable(e, f"no cycle through it can raise it above {threshold} "
                                        f"(value {vals[e]}, still {need} short)")
@@ -283,6 +281,66 @@ def _cheapest_path(s: int, t: int, skip: int, min_cap: int, out_adj: list[list[i
                 heapq.heappush(heap, (nd, counter, m))
                 counter += 1
     return None
+
+
+def _bfs_path(s: int, t: int, skip: int, out_adj: list[list[int]], in_adj: list[list[int]], tail: list[int],
+              head: list[int], x: list[int], lb: list[int], held: list[bool], delta: dict[int, int],
+              budget: int) -> list[tuple[int, int]] | None:
+    """Shortest residual path s -> t through withheld arcs only (a decrease needs one unit to spare), or None.
+
+    Breadth-first from s; the last step into t is looked up in a table of t's residual predecessors, so a
+    path of length L is found after expanding nodes up to depth L - 2 only. Gives up after ``budget`` nodes.
+    """
+    into_t: dict[int, tuple[int, int]] = {}
+    for a in in_adj[t]:  # an arc entering t, increased
+        if a != skip and held[a]:
+            into_t.setdefault(tail[a], (a, 1))
+    for a in out_adj[t]:  # an arc leaving t, decreased
+        if a != skip and held[a] and x[a] - lb[a] + delta.get(a, 0) >= 1:
+            into_t.setdefault(head[a], (a, -1))
+    if not into_t:
+        return None
+    pred: dict[int, tuple[int, int, int]] = {s: (-1, 0, -1)}
+    queue = [s]
+    i = 0
+    end = -1
+    while i < len(queue) and len(pred) <= budget:
+        n = queue[i]
+        i += 1
+        if n in into_t:
+            end = n
+            break
+        for a in out_adj[n]:
+            m = head[a]
+            if a == skip or not held[a] or m in pred:
+                continue
+            pred[m] = (a, 1, n)
+            if m == t or m in into_t:
+                end = m
+                break
+            queue.append(m)
+        if end >= 0:
+            break
+        for a in in_adj[n]:
+            m = tail[a]
+            if a == skip or not held[a] or m in pred or x[a] - lb[a] + delta.get(a, 0) < 1:
+                continue
+            pred[m] = (a, -1, n)
+            if m == t or m in into_t:
+                end = m
+                break
+            queue.append(m)
+        if end >= 0:
+            break
+    if end < 0:
+        return None
+    path = [] if end == t else [into_t[end]]
+    n = end
+    while n != s:
+        a, sign, prev = pred[n]
+        path.append((a, sign))
+        n = prev
+    return path[::-1]
 
 
 # ----------------------------------------------------------------------------- the attacker (published values only)
@@ -413,43 +471,9 @@ def _local_flow(s: int, t: int, skip: int, need: int, out_adj: list[list[int]], 
     delta: dict[int, int] = {}
     got = 0
     while got < need:
-        pred: dict[int, tuple[int, int, int]] = {s: (-1, 0, -1)}
-        queue = [s]
-        found = False
-        i = 0
-        while i < len(queue) and len(pred) <= budget:
-            n = queue[i]
-            i += 1
-            for a in out_adj[n]:
-                m = head[a]
-                if a == skip or not held[a] or m in pred:
-                    continue
-                pred[m] = (a, 1, n)
-                if m == t:
-                    found = True
-                    break
-                queue.append(m)
-            if found:
-                break
-            for a in in_adj[n]:
-                m = tail[a]
-                if a == skip or not held[a] or m in pred or x[a] - lb[a] + delta.get(a, 0) < 1:
-                    continue
-                pred[m] = (a, -1, n)
-                if m == t:
-                    found = True
-                    break
-                queue.append(m)
-            if found:
-                break
-        if not found:
+        path = _bfs_path(s, t, skip, out_adj, in_adj, tail, head, x, lb, held, delta, budget)
+        if path is None:
             return got
-        path = []
-        n = t
-        while n != s:
-            a, sign, prev = pred[n]
-            path.append((a, sign))
-            n = prev
         push = need - got
         for a, sign in path:
             if sign < 0:
