@@ -133,8 +133,11 @@ def verify_files(folder: Path, audit_files: dict[str, str] | None = None,
         f"threshold, not a single value) across {n_slices} slices" if not leaks
         else "; ".join(leaks[:5]) + (f" (+{len(leaks) - 5} more)" if len(leaks) > 5 else ""))
     found = []
+    numbers = {n, *measures}  # counts and measures are numbers, not identifiers (a national total has 7 digits)
     for frame, fname in ((cells, "cells"), (margins, "margins")):
         for col in frame.columns:
+            if col in numbers:
+                continue
             values = frame[col].dropna().astype(str)
             for label, pat in ID_PATTERNS.items():
                 hits = values[values.str.match(pat)]

@@ -53,6 +53,8 @@ import pandas as pd
 
 GROUND = 0
 MARGIN_COST = 1_000_000  # suppressing a margin costs more than any cell
+LOCAL_BUDGET = 2000  # nodes a search visits near a statistic before it looks further
+HOP = 4  # cost of moving one more withheld statistic on a cycle, against a published value
 
 
 @dataclass
@@ -199,7 +201,8 @@ class Unprotectable(RuntimeError):
         self.arc = arc
 
 
-def protect(net: Network, values: np.ndarray, withheld: np.ndarray, threshold: int) -> np.ndarray:
+def protect(net: Network, values: np.ndarray, withheld: np.ndarray, threshold: int,
+            budget: int = LOCAL_BUDGET) -> np.ndarray:
     """Complementary suppression: returns the new withheld mask (a superset of ``withheld``).
 
     Every withheld statistic whose value is at or below ``threshold`` gets enough flow around cycles
@@ -220,10 +223,13 @@ def protect(net: Network, values: np.ndarray, withheld: np.ndarray, threshold: i
         need = threshold + 1 - vals[e]
         delta: dict[int, int] = {}
         while need > 0:
-            path = _bfs_path(head[e], tail[e], e, out_adj, in_adj, tail, head, vals, lb, held, delta, 1 << 30)
-            if path is None:
-                path = _cheapest_path(head[e], tail[e], e, 1, out_adj, in_adj, tail, head, vals, lb, held, cost,
-                                      delta)
+            path = _bfs_path(head[e], tail[e], e, out_adj, in_adj, tail, head, vals, lb, held, delta, budget)
+            if path is None:  # the cheapest cycle through published cells near it, else anywhere
+                for limit in (budget, 1 << 62):
+                    path = _cheapest_path(head[e], tail[e], e, 1, out_adj, in_adj, tail, head, vals, lb, held,
+                                          cost, delta, limit)
+                    if path is not None:
+                        break
             if path is None:
                 raise Unprotectable(e, f"no cycle through it can raise it above {threshold} "
                                        f"(value {vals[e]}, still {need} short)")
@@ -240,7 +246,7 @@ def protect(net: Network, values: np.ndarray, withheld: np.ndarray, threshold: i
 
 def _cheapest_path(s: int, t: int, skip: int, min_cap: int, out_adj: list[list[int]], in_adj: list[list[int]],
                    tail: list[int], head: list[int], vals: list[int], lb: list[int], held: list[bool],
-                   cost: list[int], delta: dict[int, int]) -> list[tuple[int, int]] | None:
+                   cost: list[int], delta: dict[int, int], limit: int) -> list[tuple[int, int]] | None:
     """Cheapest residual path s -> t (Dijkstra; a hop costs 1, a published statistic its cost), each
     decreasing step with at least ``min_cap`` to spare. Returns [(arc, +1 increase / -1 decrease)]."""
     dist = {s: 0}
@@ -260,11 +266,13 @@ def _cheapest_path(s: int, t: int, skip: int, min_cap: int, out_adj: list[list[i
                 n = prev
             return path[::-1]
         done.add(n)
+        if len(done) > limit:
+            return None
         for a in out_adj[n]:
             if a == skip:
                 continue
             m = head[a]
-            nd = d + 1 + (0 if held[a] else cost[a])
+            nd = d + HOP + (0 if held[a] else cost[a])
             if nd < dist.get(m, math.inf):
                 dist[m] = nd
                 pred[m] = (a, 1, n)
@@ -274,7 +282,7 @@ def _cheapest_path(s: int, t: int, skip: int, min_cap: int, out_adj: list[list[i
             if a == skip or vals[a] - lb[a] + delta.get(a, 0) < min_cap:
                 continue
             m = tail[a]
-            nd = d + 1 + (0 if held[a] else cost[a])
+            nd = d + HOP + (0 if held[a] else cost[a])
             if nd < dist.get(m, math.inf):
                 dist[m] = nd
                 pred[m] = (a, -1, n)
