@@ -14,7 +14,11 @@
 4. ``--series``: the first day's slice through the new guard alone at each size, with the
    seconds per cell (to see how the time grows).
 
-Prints progress to stderr and, last, one JSON object.
+Prints progress to stderr and, last, one JSON object: cells, slices, withheld primary /
+complementary and the complementary cells' summed count, guard / release / verify seconds,
+cells per second, per-slice seconds, the first slice through the new guard and the baseline,
+the driver's peak memory and how much its resident memory grew during the release and during
+the verification (sampled every 20 ms), the JVM's peak.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import resource
 import shutil
 import sys
+import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -39,6 +44,38 @@ from lib.spark import get_spark
 
 DIMS = ["origin", "destination"]
 MARGINS = [["origin"], ["destination"], []]
+
+
+class RssSampler:
+    """Peak resident memory of this (driver) process while a block runs, sampled every 20 ms, in MB."""
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+        self.start = 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss_mb() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def __enter__(self) -> RssSampler:
+        self.start = self.peak = self.rss_mb()
+
+        def loop() -> None:
+            while not self._stop.wait(0.02):
+                self.peak = max(self.peak, self.rss_mb())
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss_mb())
 
 
 def slice_guard(frame: Any, method: str) -> dict[str, Any]:
@@ -61,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", action="store_true", help="run the previous algorithm even above 40 units")
     p.add_argument("--series", default="", help="comma-separated unit counts: one slice each, new guard only")
     p.add_argument("--workdir", default="build/bench/guard")
+    p.add_argument("--no-slice", action="store_true", help="skip the in-process slice comparison")
     p.add_argument("--driver-memory", default="4g")
     a = p.parse_args(argv)
     configure_logging("INFO")
@@ -85,14 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     src = spark.createDataFrame(od, schema=spec("gold.cdr_od_daily").schema)
     lake.write(src, "gold.cdr_od_daily", period=(start, end), scope={"spatial_unit": "admin2"})
 
-    t0 = time.perf_counter()
-    out = release.release(spark, cfg, "cdr_od", requester="bench")
-    release_seconds = time.perf_counter() - t0
+    del src
+    with RssSampler() as rel_mem:
+        t0 = time.perf_counter()
+        out = release.release(spark, cfg, "cdr_od", requester="bench")
+        release_seconds = time.perf_counter() - t0
     guard_seconds = next(s.seconds for s in RUN.stages if s.name == "release.guard cdr_od")
     print(f"bench guard: release {release_seconds:.1f} s (guard {guard_seconds:.1f} s)", file=sys.stderr)
-    t0 = time.perf_counter()
-    code = audit.run(spark, cfg, argparse.Namespace(action="verify", release_id=out["release_id"]))
-    verify_seconds = time.perf_counter() - t0
+    with RssSampler() as ver_mem:
+        t0 = time.perf_counter()
+        code = audit.run(spark, cfg, argparse.Namespace(action="verify", release_id=out["release_id"]))
+        verify_seconds = time.perf_counter() - t0
     print(f"bench guard: audit verify {verify_seconds:.1f} s (exit {code})", file=sys.stderr)
     counts = out["counts"]
     per_slice = json.loads(lake.read("audit.releases").first()["counts_json"])["per_slice"]
@@ -101,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     spark.stop()
 
     first = od[od["date"] == start].reset_index(drop=True)
-    new = slice_guard(first, "auto")
+    new = None if a.no_slice else slice_guard(first, "auto")
     baseline = slice_guard(first, "lp") if (a.units <= 40 or a.baseline) else None
-    if baseline:
+    if baseline and new:
         print(f"bench guard: one slice, new {new['seconds']} s vs previous {baseline['seconds']} s", file=sys.stderr)
     series = []
     for n in [int(x) for x in a.series.split(",") if x.strip()]:
@@ -133,9 +174,14 @@ def main(argv: list[str] | None = None) -> int:
         "first_slice_new": new,
         "first_slice_baseline": baseline,
         "complementary_vs_baseline": (round(new["withheld_complementary"] / baseline["withheld_complementary"], 3)
-                                      if baseline and baseline["withheld_complementary"] else None),
+                                      if new and baseline and baseline["withheld_complementary"] else None),
+        "complementary_count_vs_baseline": (
+            round(new["complementary_count_total"] / baseline["complementary_count_total"], 3)
+            if new and baseline and baseline["complementary_count_total"] else None),
         "series": series,
         "driver_python_peak_rss_mb": round(python_peak, 1),
+        "release_driver_rss_growth_mb": round(rel_mem.peak - rel_mem.start, 1),
+        "verify_driver_rss_growth_mb": round(ver_mem.peak - ver_mem.start, 1),
         "driver_jvm_peak_rss_mb": jvm_peak,
         "cores": os.cpu_count(),
     }

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
@@ -35,6 +36,7 @@ from lib.config import PROJECT_ROOT, Config
 from lib.privacy import guard
 from lib.tables import Lakehouse
 
+BATCH = 65_536
 DESCRIPTION = "Review releases: audit list | verify <release-id> | report <release-id>"
 ID_PATTERNS = {
     "phone-number-like": re.compile(r"^\+?[0-9]{6,15}$"),
@@ -86,40 +88,66 @@ def verify_files(folder: Path, audit_files: dict[str, str] | None = None,
         diff = sorted(n for n in set(mine) | set(audit_files) if mine.get(n) != audit_files.get(n))
         add("audit record", not diff, "files and manifest match audit.releases" if not diff
             else f"differ from audit.releases: {diff}")
-    try:
-        cells = pd.read_parquet(folder / "cells.parquet")
-        margins = pd.read_parquet(folder / "margins.parquet")
-        cells_csv = pd.read_csv(folder / "cells.csv", dtype=str, keep_default_na=False)
-    except (OSError, ValueError) as exc:
-        add("files readable", False, str(exc))
-        return results
     dims = manifest["dimensions"]
     n, slice_by, cell_dims = dims["count_column"], dims["slice_by"], dims["cells"]
     rules = manifest["policy"]["rules"]
     threshold = int(rules["suppress_at_or_below"])
-    as_text = cells.astype(object).where(cells.notna(), "").astype(str)
-    csv_same = len(cells_csv) == len(cells) and list(cells_csv.columns) == list(cells.columns) and all(
-        sorted(cells_csv[c]) == sorted(as_text[c].str.replace(r"\.0$", "", regex=True)) for c in [n, *cell_dims])
-    add("csv = parquet", csv_same, f"{len(cells)} cells in both" if csv_same else "cells.csv and cells.parquet differ")
-    shown = cells.loc[cells["status"] == "released", n]
-    withheld = cells.loc[cells["status"] != "released", n]
-    ok = shown.notna().all() and (shown > threshold).all() and withheld.isna().all()
-    add("threshold", ok, f"{len(shown)} released counts all > {threshold}; {len(withheld)} withheld, all empty"
-        if ok else f"{int((shown <= threshold).sum())} released counts at or below {threshold}; "
-        f"{int(withheld.notna().sum())} withheld cells carry a value")
-    measures = [m for m in dims.get("measures", []) if m in cells.columns]
-    if measures:
-        leaked = cells.loc[cells["status"] != "released", measures].notna().sum()
-        add("withheld measures", not leaked.any(), f"{len(measures)} measures empty on every withheld cell"
-            if not leaked.any() else f"withheld cells carry measures: {leaked[leaked > 0].to_dict()}")
+    measures = list(dims.get("measures", []))
+    numbers = {n, *measures}  # counts and measures are numbers, not identifiers (a national total has 7 digits)
+    # The files are read in batches (CSV row i is Parquet row i): memory does not grow with the release.
+    try:
+        cells_file = pq.ParquetFile(folder / "cells.parquet")
+        margins_file = pq.ParquetFile(folder / "margins.parquet")
+        csv_chunks = pd.read_csv(folder / "cells.csv", dtype=str, keep_default_na=False, chunksize=BATCH)
+        n_cells = n_shown = n_withheld = low_shown = valued_withheld = 0
+        csv_same = True
+        leaked: dict[str, int] = {}
+        slice_keys: set[tuple] = set()
+        found: dict[str, int] = {}
+        present_measures = [m for m in measures if m in cells_file.schema_arrow.names]
+        for batch in cells_file.iter_batches(batch_size=BATCH):
+            cells = batch.to_pandas()
+            text = next(csv_chunks, None)
+            as_text = cells.astype(object).where(cells.notna(), "").astype(str)
+            csv_same = csv_same and text is not None and len(text) == len(cells) and \
+                list(text.columns) == list(cells.columns) and all(
+                    (text[c].to_numpy() == as_text[c].str.replace(r"\.0$", "", regex=True).to_numpy()).all()
+                    for c in [n, *cell_dims])
+            released = cells["status"] == "released"
+            n_cells += len(cells)
+            n_shown += int(released.sum())
+            n_withheld += int((~released).sum())
+            low_shown += int((cells.loc[released, n].isna() | (cells.loc[released, n] <= threshold)).sum())
+            valued_withheld += int(cells.loc[~released, n].notna().sum())
+            for m in present_measures:
+                leaked[m] = leaked.get(m, 0) + int(cells.loc[~released, m].notna().sum())
+            if slice_by:
+                slice_keys.update(cells[slice_by].drop_duplicates().astype(str).itertuples(index=False, name=None))
+            scan_identifiers(cells, "cells", numbers, found)
+        csv_same = csv_same and next(csv_chunks, None) is None
+        for batch in margins_file.iter_batches(batch_size=BATCH):
+            scan_identifiers(batch.to_pandas(), "margins", numbers, found)
+    except (OSError, ValueError, KeyError) as exc:
+        add("files readable", False, str(exc))
+        return results
+    add("csv = parquet", csv_same, f"{n_cells} cells in both" if csv_same else "cells.csv and cells.parquet differ")
+    ok = low_shown == 0 and valued_withheld == 0
+    add("threshold", ok, f"{n_shown} released counts all > {threshold}; {n_withheld} withheld, all empty"
+        if ok else f"{low_shown} released counts at or below {threshold} (or empty); "
+        f"{valued_withheld} withheld cells carry a value")
+    if present_measures:
+        bad = {m: v for m, v in leaked.items() if v}
+        add("withheld measures", not bad, f"{len(present_measures)} measures empty on every withheld cell"
+            if not bad else f"withheld cells carry measures: {bad}")
     tol = (rules.get("rounding_base") or 0) / 2
     exact = not rules.get("noise")
     if spark is not None:
         problems = attacker_check_on_spark(spark, folder, slice_by, cell_dims, dims["margins"], n, threshold, tol,
                                            exact)
-        n_slices = len(cells.groupby(slice_by, dropna=False)) if slice_by else 1
+        n_slices = len(slice_keys) if slice_by else 1
     else:
         problems = []
+        cells, margins = pd.read_parquet(folder / "cells.parquet"), pd.read_parquet(folder / "margins.parquet")
         groups = [((), cells)] if not slice_by else list(cells.groupby(slice_by, sort=True, dropna=False))
         mgroups = {(): margins} if not slice_by else {
             (k if isinstance(k, tuple) else (k,)): g for k, g in margins.groupby(slice_by, sort=True, dropna=False)}
@@ -132,20 +160,22 @@ def verify_files(folder: Path, audit_files: dict[str, str] | None = None,
     add("attacker intervals", not leaks, "every withheld cell's interval is wide (upper bound above the "
         f"threshold, not a single value) across {n_slices} slices" if not leaks
         else "; ".join(leaks[:5]) + (f" (+{len(leaks) - 5} more)" if len(leaks) > 5 else ""))
-    found = []
-    numbers = {n, *measures}  # counts and measures are numbers, not identifiers (a national total has 7 digits)
-    for frame, fname in ((cells, "cells"), (margins, "margins")):
-        for col in frame.columns:
-            if col in numbers:
-                continue
-            values = frame[col].dropna().astype(str)
-            for label, pat in ID_PATTERNS.items():
-                hits = values[values.str.match(pat)]
-                if len(hits):
-                    found.append(f"{fname}.{col}: {len(hits)} {label} values")
-    add("no identifiers", not found, "no value looks like a phone number or a pseudonym" if not found
-        else "; ".join(found))
+    add("no identifiers", not found, "no text value looks like a phone number or a pseudonym" if not found
+        else "; ".join(f"{k}: {v} values" for k, v in sorted(found.items())))
     return results
+
+
+def scan_identifiers(frame: pd.DataFrame, name: str, numbers: set[str], found: dict[str, int]) -> None:
+    """Count values that look like a phone number or a pseudonym, per file, column and pattern."""
+    for col in frame.columns:
+        if col in numbers:
+            continue
+        values = frame[col].dropna().astype(str)
+        for label, pat in ID_PATTERNS.items():
+            hits = int(values.str.match(pat).sum())
+            if hits:
+                key = f"{name}.{col} {label}"
+                found[key] = found.get(key, 0) + hits
 
 
 def check_slice(part: pd.DataFrame, mpart: pd.DataFrame, slice_by: list[str], cell_dims: list[str],

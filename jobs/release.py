@@ -3,7 +3,7 @@
     ./spark-submit.sh release <type> [--period START:END] [--requester NAME] [--override-reason TEXT]
 
 Reads the release type's source table (conf/privacy.yaml), for the period when
-given, and runs the guard on every slice (primary and complementary suppression,
+given, and runs the guard on every slice on the executors (primary and complementary suppression,
 attacker check, optional noise and rounding). Writes:
 
 - ``exports.<type>`` and ``exports.<type>_margins`` (append; a Delta CHECK
@@ -110,7 +110,8 @@ def export_specs(release_type: str, rt: ReleaseType, source_schema: T.StructType
     parent_cols = list(dict.fromkeys(c for m in rt.margins for c in m if c not in rt.cells))
     check = {
         "released_above_threshold": f"(status = 'released' AND {n} > {t}) OR (status <> 'released' AND {n} IS NULL)",
-        "status_known": "status IN ('released', 'primary', 'complementary', 'noise')",
+        # 'withheld' since releases stopped publishing why; the older reasons are allowed for earlier rows.
+        "status_known": "status IN ('released', 'withheld', 'primary', 'complementary', 'noise')",
     }
     cell_check = dict(check)
     if rt.measures:
@@ -267,8 +268,9 @@ def data_dictionary(rt: ReleaseType, source_desc: str) -> dict[str, str]:
     d[rt.count_column] = (f"distinct contributors; null when withheld. Released only above "
                           f"{rt.suppress_at_or_below}" + (f", rounded to {rt.rounding_base}" if rt.rounding_base else "")
                           + (f", with {rt.noise.mechanism} noise (epsilon {rt.noise.epsilon})" if rt.noise else ""))
-    d["status"] = ("released; primary (count at or below the threshold); complementary (withheld so that primary "
-                   "cells cannot be recovered from the margins); noise (at or below the threshold after noise)")
+    d["status"] = ("released, or withheld: at or below the threshold, or withheld so that such counts cannot be "
+                   "recovered from the published margins, or at or below the threshold after noise (which of "
+                   "these is not published: it would tell the cell's size)")
     d["margin"] = "margins file: the grouping columns of the margin ('total' for the grand total)"
     d["key"] = "margins file: the values of the grouping columns, joined by '|'"
     d["source"] = source_desc
@@ -399,7 +401,7 @@ def _publish(spark: SparkSession, cfg: Config, lake: Lakehouse, policy: Any, rt:
         "dimensions": {"slice_by": rt.slice_by, "cells": rt.cells, "margins": rt.margins,
                        "count_column": rt.count_column, "measures": rt.measures},
         "data_dictionary": data_dictionary(rt, source_desc),
-        "counts": counts["totals"],
+        "counts": slices.public_counts(counts["totals"]),
         "files": files,
         "quicklook": plot,
         "spatial_files": spatial,

@@ -163,7 +163,8 @@ def test_slices_guarded_on_spark_do_not_depend_on_the_partitioning(spark: SparkS
     local = guard.protect(day[["origin", "destination", "n_subscribers"]], ["origin", "destination"],
                           "n_subscribers", T, OD_TYPE.margins)
     spark_day = c1[c1["date"] == date(2024, 3, 3)]
-    assert sorted(local.cells["status"]) == sorted(spark_day["status"])
+    local_status = local.cells["status"].where(local.cells["status"] == "released", "withheld")
+    assert sorted(local_status) == sorted(spark_day["status"]) and (spark_day["status"] == "withheld").sum() > 10
 
 
 def test_a_slice_that_cannot_be_guarded_names_the_slice_and_publishes_nothing(spark: SparkSession) -> None:

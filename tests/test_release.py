@@ -62,8 +62,12 @@ def test_release_exports_guarded_rows_files_and_an_audit_record(spark: SparkSess
     rows = lake.read("exports.cdr_od").filter(f"release_id = '{rid}'").toPandas()
     assert len(rows) == 18  # 2 days x 9 cells, withheld ones listed
     day1 = rows[rows["date"] == DAY1].set_index(["origin", "destination"])
-    assert day1.loc[("A", "B"), "status"] == "primary" and pd.isna(day1.loc[("A", "B"), "n_subscribers"])
-    assert (day1["status"] == "complementary").sum() == 3
+    assert day1.loc[("A", "B"), "status"] == "withheld" and pd.isna(day1.loc[("A", "B"), "n_subscribers"])
+    assert (day1["status"] == "withheld").sum() == 4  # A->B and a rectangle of three complements
+    # Partners see "withheld", never why (a "primary" status says the count is small); the audit record knows.
+    assert set(rows["status"]) == {"released", "withheld"}
+    audit_counts = json.loads(lake.read("audit.releases").first()["counts_json"])
+    assert audit_counts["totals"]["withheld_complementary"] == 3 and audit_counts["per_slice"][0]["withheld_primary"] == 1
     assert out["counts"]["withheld_primary"] == 1 and out["counts"]["slices"] == 2  # day 2: A->B = 17
     folder = Path(out["path"])
     assert sorted(p.name for p in folder.iterdir()) == [
@@ -106,7 +110,7 @@ def test_tampering_with_a_published_file_fails_verify(spark: SparkSession, relea
     folder = Path(out["path"])
     original = (folder / "cells.csv").read_text()
     try:
-        (folder / "cells.csv").write_text(original.replace(",,primary", ",12,primary", 1))
+        (folder / "cells.csv").write_text(original.replace(",,withheld", ",12,withheld", 1))
         assert verify(spark, cfg, rid) == 1
         assert "FAIL  checksums" in capsys.readouterr().out
     finally:
@@ -115,7 +119,11 @@ def test_tampering_with_a_published_file_fails_verify(spark: SparkSession, relea
     cells = pd.read_parquet(folder / "cells.parquet")
     saved = {p.name: p.read_bytes() for p in folder.iterdir()}
     try:
-        cells.loc[cells["status"] == "complementary", "status"] = "released"
+        # reveal every withheld cell of the first day but A->B: it is then recovered from its margins
+        reveal = (cells["status"] == "withheld") & (cells["date"] == DAY1) & ~(
+            (cells["origin"] == "A") & (cells["destination"] == "B"))
+        assert reveal.sum() == 3
+        cells.loc[reveal, "status"] = "released"
         cells.loc[cells["status"] == "released", "n_subscribers"] = cells["n_subscribers"].fillna(50)
         cells.to_parquet(folder / "cells.parquet", index=False)
         cells.to_csv(folder / "cells.csv", index=False)
@@ -181,7 +189,7 @@ def test_spatial_release_with_a_two_level_hierarchy_writes_geojson(spark: SparkS
     folder = Path(out["path"])
     geo = gpd.read_file(folder / "cells.geojson")
     status = dict(zip(geo["unit"], geo["status"], strict=True))
-    assert status == {"R1-D1": "primary", "R1-D2": "released", "R1-D3": "complementary", "R2-D1": "released",
+    assert status == {"R1-D1": "withheld", "R1-D2": "released", "R1-D3": "withheld", "R2-D1": "released",
                       "R2-D2": "released"}
     assert geo.crs.to_epsg() == 4326 and geo.geometry.is_valid.all()
     assert gpd.read_parquet(folder / "cells.geoparquet")["unit"].tolist() == geo["unit"].tolist()

@@ -34,6 +34,8 @@ from lib.privacy import guard
 from lib.privacy.policy import ReleaseType
 
 ROW, SUMMARY = "_row", "_summary"
+WITHHELD = "withheld"
+PUBLIC_COUNTS = ("cells_in", "margins_in", "slices", "withheld", "noised_or_rounded")
 Prepare = Callable[[pd.DataFrame], tuple[pd.DataFrame, dict[str, int]]]
 
 
@@ -106,6 +108,12 @@ def guard_slice(pdf: pd.DataFrame, rt: ReleaseType, schema_names: list[str], see
         p = guard.protect(frame[dims + [rt.count_column]], dims, rt.count_column, rt.suppress_at_or_below,
                           rt.margins, rounding_base=rt.rounding_base, noise=noise,
                           seed=guard.seed_for(seed, summary["digest"], *key))
+        if not (rt.noise or rt.rounding_base):
+            # Belt and braces: the attacker's check on exactly what will be published, before anything is.
+            found = guard.check_published(p.cells, p.margins, dims, rt.count_column, rt.suppress_at_or_below,
+                                          rt.margins)
+            if found:
+                raise guard.GuardError("the attacker check failed on the guarded slice: " + "; ".join(found[:3]))
     except guard.GuardError as exc:
         summary["error"] = str(exc)
         out = pd.DataFrame({c: [None] for c in schema_names})
@@ -115,11 +123,15 @@ def guard_slice(pdf: pd.DataFrame, rt: ReleaseType, schema_names: list[str], see
         out[SUMMARY] = json.dumps(summary, default=str)
         return out[schema_names]
     cells = p.cells
+    # Published statuses say released or withheld, never why: a "primary" status would tell an attacker the
+    # cell is at or below the threshold. The reasons are counted in the summary for the audit record only.
+    cells["status"] = cells["status"].where(cells["status"] == guard.RELEASED, WITHHELD)
     if rt.measures:
         cells = cells.merge(frame[dims + rt.measures], on=dims, how="left", validate="one_to_one")
         cells.loc[cells["status"] != guard.RELEASED, rt.measures] = np.nan
     cells[ROW] = "cell"
     margins = p.margins.copy()
+    margins["status"] = margins["status"].where(margins["status"] == guard.RELEASED, WITHHELD)
     margins[ROW] = "margin"
     summary["counts"] = {**p.counts, **prepared}
     summary["seconds"] = round(time.perf_counter() - started, 3)
@@ -131,6 +143,8 @@ def guard_slice(pdf: pd.DataFrame, rt: ReleaseType, schema_names: list[str], see
         if c not in out.columns:
             out[c] = None
     out[rt.count_column] = out[rt.count_column].astype("Int64")
+    for c in ("margin", "key", SUMMARY, "status"):  # all-empty text columns must not become floats
+        out[c] = out[c].astype(object).where(out[c].notna(), None)
     return out[schema_names]
 
 
@@ -166,14 +180,23 @@ def guard_all(df: DataFrame, rt: ReleaseType, seed: str, prepare: Prepare | None
         for k, v in s["counts"].items():
             totals[k] = totals.get(k, 0) + int(v)
     totals["slices"] = len(summaries)
+    totals["withheld"] = sum(totals.get(k, 0) for k in ("withheld_primary", "withheld_complementary",
+                                                          "withheld_after_noise"))
     content = hashlib.sha256("\n".join(f"{json.dumps(s['slice'], sort_keys=True)} {s['digest']}"
                                        for s in summaries).encode()).hexdigest()
     per_slice = [{**s["slice"], **s["counts"], "seconds": s["seconds"]} for s in summaries]
     return Guarded(rows.filter(F.col(ROW) != "summary"), per_slice, totals, content, rows)
 
 
+def public_counts(totals: dict[str, int]) -> dict[str, int]:
+    """What partners may see of a release's counts: sizes and how many withheld, not why (the split into
+    primary and complementary, and the complementary cells' summed count, stay in the audit record)."""
+    keep = set(PUBLIC_COUNTS) | {k for k in totals if k.startswith(("cells_coarsened", "sensitive"))}
+    return {k: v for k, v in totals.items() if k in keep}
+
+
 def most_withheld(per_slice: Iterable[dict[str, Any]], slice_by: list[str]) -> dict[str, str] | None:
     """The slice (as {column: text}) with the most withheld cells, for plots and reports."""
-    best = max(per_slice, key=lambda s: (s.get("withheld_primary", 0) + s.get("withheld_complementary", 0)),
+    best = max(per_slice, key=lambda s: s.get("withheld_primary", 0) + s.get("withheld_complementary", 0),
                default=None)
     return {c: best[c] for c in slice_by} if best else None
