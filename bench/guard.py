@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         verify_seconds = time.perf_counter() - t0
     print(f"bench guard: audit verify {verify_seconds:.1f} s (exit {code})", file=sys.stderr)
     counts = out["counts"]
-    per_slice = json.loads(lake.read("audit.releases").first()["counts_json"])["per_slice"]
+    record = lake.read("audit.releases").first()
+    assert record is not None
+    per_slice = json.loads(record["counts_json"])["per_slice"]
     slice_seconds = sorted(s["seconds"] for s in per_slice)
     jvm_peak = jvm_peak_rss_mb(spark)
     spark.stop()

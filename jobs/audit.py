@@ -136,9 +136,9 @@ def verify_files(folder: Path, audit_files: dict[str, str] | None = None,
         if ok else f"{low_shown} released counts at or below {threshold} (or empty); "
         f"{valued_withheld} withheld cells carry a value")
     if present_measures:
-        bad = {m: v for m, v in leaked.items() if v}
-        add("withheld measures", not bad, f"{len(present_measures)} measures empty on every withheld cell"
-            if not bad else f"withheld cells carry measures: {bad}")
+        carried = {m: v for m, v in leaked.items() if v}
+        add("withheld measures", not carried, f"{len(present_measures)} measures empty on every withheld cell"
+            if not carried else f"withheld cells carry measures: {carried}")
     tol = (rules.get("rounding_base") or 0) / 2
     exact = not rules.get("noise")
     if spark is not None:

@@ -351,10 +351,10 @@ def _publish(spark: SparkSession, cfg: Config, lake: Lakehouse, policy: Any, rt:
         dataset = rt.source
         spent = 0.0
         if lake.exists("audit.privacy_budget"):
-            row = lake.read("audit.privacy_budget").filter(
+            ledger = lake.read("audit.privacy_budget").filter(
                 (F.col("dataset") == dataset) & (F.col("release_id") != release_id)
             ).agg(F.sum("epsilon").alias("e")).first()
-            spent = float(row["e"] or 0.0) if row else 0.0
+            spent = float(ledger["e"] or 0.0) if ledger else 0.0
         if spent + rt.noise.epsilon > policy.budget.epsilon + 1e-12:
             raise ReleaseError(
                 f"release {release_type}: privacy budget of {dataset} exceeded: spent epsilon {spent:g} + "

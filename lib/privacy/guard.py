@@ -481,9 +481,9 @@ def check_published(
     intervals = attacker_intervals(s, tolerance)
     if intervals.pop(-1, None) is not None and exact:
         problems.append("published cells and margins contradict each other (they must add up exactly)")
-    for e, iv in intervals.items():
+    for idx, iv in intervals.items():
         if iv.fails(threshold):
-            ent = s.entities[e]
+            ent = s.entities[idx]
             problems.append(
                 f"withheld {ent.kind} {ent.key} can be inferred to lie in [{iv.low:g}, {iv.high:g}]"
             )
