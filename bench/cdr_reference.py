@@ -132,8 +132,15 @@ def compute(con: duckdb.DuckDBPyConnection, a: argparse.Namespace, key: bytes) -
     rows = {}
     for name, q in queries.items():
         con.execute(f"COPY ({q}) TO '{out / name}.parquet' (FORMAT parquet)")
-        rows[name] = con.execute(f"SELECT count(*) FROM '{out / name}.parquet'").fetchone()[0]
+        rows[name] = one(con.execute(f"SELECT count(*) FROM '{out / name}.parquet'").fetchone())
     return rows
+
+
+def one(row: tuple | None) -> int:
+    """The single value of a one-row, one-column result."""
+    if row is None:
+        raise RuntimeError("the query returned no row")
+    return int(row[0])
 
 
 def compare(con: duckdb.DuckDBPyConnection, ours: Path, theirs: Path) -> dict[str, int]:
@@ -143,10 +150,10 @@ def compare(con: duckdb.DuckDBPyConnection, ours: Path, theirs: Path) -> dict[st
         a, b = f"'{ours / name}.parquet'", f"'{theirs / name}/*.parquet'"
         cols = con.sql(f"SELECT * FROM {a} LIMIT 0").columns
         sel = ", ".join(f"CAST({c} AS VARCHAR)" for c in cols)
-        diffs[name] = con.execute(
+        diffs[name] = one(con.execute(
             f"SELECT (SELECT count(*) FROM (SELECT {sel} FROM {a} EXCEPT ALL SELECT {sel} FROM {b})) + "
             f"(SELECT count(*) FROM (SELECT {sel} FROM {b} EXCEPT ALL SELECT {sel} FROM {a}))"
-        ).fetchone()[0]
+        ).fetchone())
     return diffs
 
 

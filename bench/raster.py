@@ -35,7 +35,7 @@ from jobs.demo import raster_synth
 from jobs.remote_sensing import change
 from lib.config import PROJECT_ROOT, RemoteSensingSettings, load_config
 from lib.runtime import configure_logging
-from lib.spark import get_spark
+from lib.spark import get_spark, one_row, to_pandas
 from lib.tables import Lakehouse
 
 
@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     spark_seconds = time.perf_counter() - start
     lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
     cols = ["h3_index", "n_pixels", "n_pixels_valid", "n_new", "n_lost", "n_stable"]
-    ours = lake.read("gold.settlement_change_h3").select(*cols).toPandas()
+    ours = to_pandas(lake.read("gold.settlement_change_h3").select(*cols))
     tiles = lake.read("silver.settlement_tiles")
-    peak = tiles.agg(F.max("worker_peak_rss_mb")).first()[0]
+    peak = one_row(tiles.agg(F.max("worker_peak_rss_mb")))[0]
     n_windows = tiles.count()
     spark.stop()
 

@@ -40,7 +40,7 @@ from jobs.social import ingest, sentiment
 from jobs.social import model as models
 from lib.config import PROJECT_ROOT, SocialInput, load_config
 from lib.runtime import RUN, configure_logging
-from lib.spark import get_spark
+from lib.spark import get_spark, to_pandas
 from lib.tables import Lakehouse
 
 
@@ -50,8 +50,9 @@ def baseline(model_dir: str, texts: list[str]) -> tuple[list[str], float]:
 
     torch.set_num_threads(os.cpu_count() or 1)
     clf = pipeline("text-classification", model=model_dir, tokenizer=model_dir, device=-1)
-    order = models.label_order(clf.model.config.id2label)
-    names = {clf.model.config.id2label[i]: lab for i, lab in zip(order, models.LABELS, strict=True) if i >= 0}
+    id2label = {int(k): str(v) for k, v in (clf.model.config.id2label or {}).items()}
+    order = models.label_order(id2label)
+    names = {id2label[i]: lab for i, lab in zip(order, models.LABELS, strict=True) if i >= 0}
     clf(texts[0], truncation=True)  # warm-up, not timed (the Spark side loads its model inside the timing)
     t0 = time.perf_counter()
     labels = [names[clf(t, truncation=True)[0]["label"]] for t in texts]
@@ -94,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     pipeline_s = time.perf_counter() - t0
     scoring = [s for s in RUN.stages if s.name == "social.sentiment -> silver.social_posts"][-1]
     spark_s = scoring.seconds
-    silver = lake.read("silver.social_posts").filter("on_topic").select("post_key", "sentiment",
-                                                                          "model_precision").toPandas()
+    silver = to_pandas(lake.read("silver.social_posts").filter("on_topic").select("post_key", "sentiment",
+                                                                                    "model_precision"))
     used = sorted(silver["model_precision"].dropna().unique().tolist())
-    bronze = lake.read("bronze.social_posts").select("post_key", "text").toPandas().drop_duplicates("post_key")
+    bronze = to_pandas(lake.read("bronze.social_posts").select("post_key", "text")).drop_duplicates("post_key")
     posts = bronze.merge(silver, on="post_key", how="inner")
     spark.stop()
     print(f"[bench] baseline: one post at a time, {len(posts)} posts ...", file=sys.stderr)

@@ -288,6 +288,10 @@ class PrivacySettings(_Section):
         return p if p.is_absolute() else PROJECT_ROOT / p
 
 
+Pipeline = Literal["cdr", "remote_sensing", "social"]
+ALL_PIPELINES: tuple[Pipeline, ...] = ("cdr", "remote_sensing", "social")
+
+
 class DemoSettings(_Section):
     """Synthetic data with a planted truth (jobs/demo)."""
 
@@ -300,8 +304,8 @@ class DemoSettings(_Section):
     displaced_share: float = Field(0.3, ge=0, le=1)
     bad_row_share: float = Field(0.01, ge=0, le=0.5)
     input_dir: str = "build/demo-inputs"  # raw synthetic inputs live outside the lakehouse
-    pipelines: list[Literal["cdr", "remote_sensing", "social"]] = Field(
-        default_factory=lambda: ["cdr", "remote_sensing", "social"])  # which pipelines the demo runs
+    pipelines: list[Pipeline] = Field(
+        default_factory=lambda: list(ALL_PIPELINES))  # which pipelines the demo runs
     raster_scene: str | None = "../shared/data/rasters/L7_ETMs.tif"  # first date when present
     raster_synthetic_size: int = Field(600, ge=64, le=100_000)  # px per side without the real scene
     n_authors: int = Field(3000, ge=10)  # synthetic social-media authors
@@ -421,7 +425,7 @@ def parse_set(assignment: str) -> tuple[str, Any]:
     return key.strip(), _parse_scalar(raw.strip())
 
 
-def _describe_error(err: dict[str, Any]) -> str:
+def _describe_error(err: Mapping[str, Any]) -> str:
     kind = err.get("type", "")
     if kind == "extra_forbidden":
         return "unknown key"

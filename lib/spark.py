@@ -15,8 +15,10 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import cast
 
-from pyspark.sql import SparkSession
+import pandas as pd
+from pyspark.sql import DataFrame, Row, SparkSession
 
 from lib.config import PROJECT_ROOT, SparkSettings
 
@@ -110,3 +112,16 @@ def _check_delta_available(spark: SparkSession) -> None:
         loader.loadClass(DELTA_EXTENSION)
     except Exception as exc:  # noqa: BLE001
         raise SetupError(f"Delta Lake classes are not on Spark's classpath. {SETUP_HINT}") from exc
+
+
+def one_row(df: DataFrame) -> Row:
+    """The first row of a query that always has one (an aggregate); a clear error if it has none."""
+    row = df.first()
+    if row is None:
+        raise RuntimeError("the query returned no row")
+    return row
+
+
+def to_pandas(df: DataFrame) -> pd.DataFrame:
+    """``df.toPandas()`` typed as a pandas DataFrame."""
+    return cast(pd.DataFrame, df.toPandas())

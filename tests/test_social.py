@@ -196,7 +196,9 @@ def test_workers_fork_from_a_preloaded_daemon_and_reuse_the_warmed_model(spark, 
     from lib import pydaemon
 
     path = tiny_model(tmp_path / "tiny", {0: "negative", 1: "neutral", 2: "positive"})
-    kw = {"model_path": str(path), "label_map": {}, "threads": 1, "precision": "fp32"}
+    job = sentiment.Scoring(terms={}, boundaries={}, unit="admin1", h3_res=7, max_km=0.0, model_name="tiny",
+                            model_path=str(path), model_hash="", label_map={}, batch_size=8, threads=1,
+                            precision="fp32", exclude_retweets=True, exclude_duplicates=True)
 
     def state(batches):  # type: ignore[no-untyped-def]
         import os
@@ -215,7 +217,7 @@ def test_workers_fork_from_a_preloaded_daemon_and_reuse_the_warmed_model(spark, 
     assert not plain["daemon_torch"] and not plain["loaded"]  # Spark's ordinary daemon imports nothing
     env = {pydaemon.PRELOAD_ENV: "jobs.social.model", models.PRELOAD_MODEL_ENV: str(path)}
     with pydaemon.worker_environment(spark, env):
-        warm = sentiment.warm_workers(spark, 1, kw)
+        warm = sentiment.warm_workers(spark, 1, job)
         probe = spark.range(1, numPartitions=1).mapInPandas(state, schema)
     assert pydaemon.PRELOAD_ENV not in spark.sparkContext.environment  # restored for later functions
     warm.join()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, timedelta
+from typing import Any
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession, Window
@@ -301,7 +302,7 @@ def run(spark: SparkSession, cfg: Config) -> None:
     events = lake.read("bronze.cdr_events").filter(F.col("event_date").between(F.lit(start), F.lit(end)))
     cells = lake.read("silver.cdr_cells")
     located = events_with_units(events, cells, cdr.spatial_unit)
-    scope = {"spatial_unit": cdr.spatial_unit}
+    scope: dict[str, Any] = {"spatial_unit": cdr.spatial_unit}
     n_days = (end - start).days + 1
 
     with stage("cdr.activity_filter") as st:
@@ -350,7 +351,8 @@ def run(spark: SparkSession, cfg: Config) -> None:
         raise ConfigError("cdr.scaling: no scaling weight matches a unit with baseline residents")
 
     n_daily = res.rows_written
-    gold = [  # (table, rows, period, scope, rows in: the daily locations it derives from)
+    gold: list[tuple[str, DataFrame, tuple[date, date], dict[str, Any], int | None]] = [
+        # (table, rows, period, scope, rows in: the daily locations it derives from)
         ("gold.cdr_presence_daily", with_estimate(presence(daily), weights, "unit", "n_subscribers"), (start, end),
          scope, n_daily),
         ("gold.cdr_od_daily", with_estimate(od_daily(daily), weights, "origin", "n_subscribers"), (start, end), scope,

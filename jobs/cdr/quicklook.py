@@ -13,6 +13,8 @@ import pandas as pd  # noqa: E402
 
 from lib.privacy.policy import ReleaseType  # noqa: E402
 
+MAX_UNITS = 60  # units shown in a matrix plot
+
 
 def draw(release_type: str, rt: ReleaseType, cells: pd.DataFrame, path: Path) -> str:
     n = rt.count_column
@@ -32,6 +34,12 @@ def draw(release_type: str, rt: ReleaseType, cells: pd.DataFrame, path: Path) ->
         for c, v in zip(rt.slice_by, last_key, strict=True):
             part = part[part[c] == v]
         units = sorted(set(part["origin"]) | set(part["destination"]))
+        shown_note = ""
+        if len(units) > MAX_UNITS:  # a national matrix: the units with the most cells, readable
+            size = pd.concat([part["origin"], part["destination"]]).value_counts()
+            units = sorted(size.sort_values(ascending=False, kind="stable").index[:MAX_UNITS])
+            part = part[part["origin"].isin(units) & part["destination"].isin(units)]
+            shown_note = f", the {MAX_UNITS} units with the most cells"
         idx = {u: i for i, u in enumerate(units)}
         grid = np.full((len(units), len(units)), np.nan)
         for r in part.itertuples(index=False):
@@ -47,7 +55,8 @@ def draw(release_type: str, rt: ReleaseType, cells: pd.DataFrame, path: Path) ->
         ax.set_ylabel("origin")
         fig.colorbar(im, ax=ax, label=n)
         ax.legend(fontsize=7, loc="upper right")
-        caption = f"{release_type} matrix for {dict(zip(rt.slice_by, map(str, last_key), strict=True))} (x = withheld)"
+        caption = (f"{release_type} matrix for {dict(zip(rt.slice_by, map(str, last_key), strict=True))}"
+                   f"{shown_note} (x = withheld)")
     ax.set_title(caption, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

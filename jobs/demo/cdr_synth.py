@@ -24,6 +24,7 @@ import json
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Literal
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -36,7 +37,7 @@ DISTRICTS = 3  # 3 x 3 admin2 per admin1
 CELLS_PER_DISTRICT = 2
 AFFECTED_REGION = "R1"
 RENUMBERED_CELL, RENUMBERED_TO, RENUMBER_DAY = "C0001", "C9001", 10
-EVENT_TYPES = ("call", "sms", "mds")
+EVENT_TYPES: tuple[Literal["call", "sms", "mds"], ...] = ("call", "sms", "mds")
 BAD_KINDS = ("unparseable_time", "null_subscriber", "malformed_subscriber", "unknown_cell", "outside_period")
 
 
@@ -261,10 +262,10 @@ def generate(spark: SparkSession, cfg: DemoSettings, out_dir: Path, fmt: str = "
     import csv
 
     with (out / "cells.csv").open("w", newline="") as fh:
-        rows = cells(cfg.seed, cfg.start_date)
-        writer_csv = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        cell_rows = cells(cfg.seed, cfg.start_date)
+        writer_csv = csv.DictWriter(fh, fieldnames=list(cell_rows[0]))
         writer_csv.writeheader()
-        writer_csv.writerows(rows)
+        writer_csv.writerows(cell_rows)
     for level in ("admin1", "admin2"):
         (out / f"{level}.geojson").write_text(json.dumps(admin_geojson(level)))
 

@@ -19,6 +19,7 @@ from jobs.cdr import ingest, mobility
 from jobs.demo import cdr_synth
 from lib.config import PROJECT_ROOT, CdrInput, Config
 from lib.runtime import log, stage
+from lib.spark import one_row, to_pandas
 from lib.tables import Lakehouse
 
 CDR_GOLD = ("gold.cdr_presence_daily", "gold.cdr_od_daily", "gold.cdr_od_weekly", "gold.cdr_od_home_current",
@@ -105,8 +106,8 @@ def remote_sensing_demo(spark: SparkSession, cfg: Config, input_dir: Path) -> li
     summary = change.run(spark, run_cfg)
     lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
     h3 = lake.read("gold.settlement_change_h3").filter(F.col("area") == truth["area"])
-    tot = h3.agg(F.sum("new_km2").alias("new"), F.sum("lost_km2").alias("lost"),
-                 F.sum("built_km2_before").alias("before"), F.sum("valid_km2").alias("valid")).first()
+    tot = one_row(h3.agg(F.sum("new_km2").alias("new"), F.sum("lost_km2").alias("lost"),
+                         F.sum("built_km2_before").alias("before"), F.sum("valid_km2").alias("valid")))
     raster = summary["rasters"][0] if summary["rasters"] else {}
     lines = [
         f"  remote sensing   : first date {truth['first_date']}",
@@ -151,7 +152,7 @@ def social_demo(spark: SparkSession, cfg: Config, input_dir: Path) -> list[str]:
     got = social_ingest.ingest(spark, run_cfg)
     scored = sentiment.score(spark, run_cfg)
     lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
-    weeks = lake.read("gold.social_sentiment").filter("period = 'week' AND language = 'all'").toPandas()
+    weeks = to_pandas(lake.read("gold.social_sentiment").filter("period = 'week' AND language = 'all'"))
     event = run_cfg.social.event_date
     weeks["after"] = weeks["period_start"] >= event
 
@@ -194,18 +195,18 @@ def cdr_demo(spark: SparkSession, cfg: Config, input_dir: Path) -> list[str]:
     r1 = presence.filter(F.col("unit").startswith(cdr_synth.AFFECTED_REGION + "-"))
     before = r1.filter(F.col("date") < F.lit(event_date)).groupBy("date").agg(F.sum("n_subscribers").alias("n"))
     after = r1.filter(F.col("date") >= F.lit(event_date)).groupBy("date").agg(F.sum("n_subscribers").alias("n"))
-    mean_before = before.agg(F.avg("n")).first()[0]
-    mean_after = after.agg(F.avg("n")).first()[0]
+    mean_before = one_row(before.agg(F.avg("n")))[0]
+    mean_after = one_row(after.agg(F.avg("n")))[0]
     n_displaced = sum(truth["displaced_by_od"].values())
     disp = lake.read("gold.cdr_displacement").filter(
         (F.col("spatial_unit") == run_cfg.cdr.spatial_unit) & (F.col("event_date") == F.lit(event_date))
     )
     by_week = {r["week_since_event"]: r["n"] for r in disp.groupBy("week_since_event").agg(
         F.sum("n_subscribers").alias("n")).collect()}
-    share = lake.read("gold.cdr_displacement_share").filter(
+    share = one_row(lake.read("gold.cdr_displacement_share").filter(
         (F.col("spatial_unit") == run_cfg.cdr.spatial_unit) & (F.col("event_date") == F.lit(event_date))
         & F.col("origin").startswith(cdr_synth.AFFECTED_REGION + "-") & (F.col("week_since_event") == 0)
-    ).agg(F.sum("n_away").alias("away"), F.sum("n_subscribers").alias("seen")).first()
+    ).agg(F.sum("n_away").alias("away"), F.sum("n_subscribers").alias("seen")))
     lines = [
         f"  synthetic inputs : {input_dir / 'cdr'} (ground truth: truth.json, truth_subscribers/)",
         f"  lakehouse        : {lake.root}",

@@ -129,7 +129,7 @@ def plant_growth(src_path: Path, dst_path: Path, seed: int, thresholds: tuple[fl
     rng = np.random.default_rng(seed + 7)
     dst_path.parent.mkdir(parents=True, exist_ok=True)
     planted = 0
-    per_site = []
+    per_site: list[dict[str, int]] = []
     with rasterio.open(src_path) as src:
         profile = src.profile.copy()
         # Built-up spectra sampled from clearly built-up pixels of the scene itself.

@@ -365,8 +365,8 @@ def run(spark: SparkSession, cfg: Config) -> dict[str, Any]:
                                            "gold.settlement_change_admin",
                                            replace_where=f"({scope}) AND level IN ({level_in})"))
             tiles = parts.filter(F.col("kind") == "tile").join(meta, on="pair_id", how="inner")
-            detail = F.from_json("detail", "row_off int, col_off int, height int, width int")
-            tiles = tiles.select("*", detail.alias("w")).select(
+            window_json = F.from_json("detail", "row_off int, col_off int, height int, width int")
+            tiles = tiles.select("*", window_json.alias("w")).select(
                 "area", "date_before", "date_after", "window_id", F.col("w.row_off").alias("row_off"),
                 F.col("w.col_off").alias("col_off"), F.col("w.height").alias("height"),
                 F.col("w.width").alias("width"), "n_pixels", "n_pixels_valid", "n_outside_admin",

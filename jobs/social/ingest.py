@@ -145,7 +145,8 @@ def tweet_row(tweet: Any, places: dict[str, dict]) -> dict[str, Any]:
     """One tweet object -> a parsed row, or a row with the quarantine reason."""
     if not isinstance(tweet, dict):
         return {"reason": "not_a_post", "detail": f"a JSON {type(tweet).__name__}, not an object"}
-    note = tweet.get("note_tweet") if isinstance(tweet.get("note_tweet"), dict) else {}
+    raw_note = tweet.get("note_tweet")
+    note: dict[str, Any] = raw_note if isinstance(raw_note, dict) else {}
     text = note.get("text") or tweet.get("text")
     if tweet.get("id") in (None, ""):
         return {"reason": "missing_id", "detail": "no 'id'"}
@@ -181,7 +182,8 @@ def jsonl_rows(path: str) -> Iterator[dict[str, Any]]:
                 yield {**base, "reason": "bad_json", "detail": f"column {exc.colno}: {exc.msg}"}
                 continue
             if isinstance(obj, dict) and isinstance(obj.get("data"), list):  # an API response page
-                inc = obj.get("includes") if isinstance(obj.get("includes"), dict) else {}
+                raw_inc = obj.get("includes")
+                inc: dict[str, Any] = raw_inc if isinstance(raw_inc, dict) else {}
                 places = {str(p.get("id")): p for p in inc.get("places") or [] if isinstance(p, dict)}
                 if not obj["data"]:
                     yield {**base, "reason": "not_a_post", "detail": "an API page with no tweets"}
@@ -335,6 +337,7 @@ def ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     flags = lake.read("bronze.social_posts").agg(
         F.sum(F.col("is_retweet").cast("int")).alias("retweets"),
         F.sum(F.col("is_duplicate").cast("int")).alias("duplicates")).first()
+    assert flags is not None  # an aggregate has one row
     log.info("social.ingest: %d lines in %d files -> %d posts + %d quarantined %s; %d retweets, %d duplicates "
              "flagged", rows_in, len(files), accepted_n, quarantined,
              {k: v for k, v in counts.items() if k != "accepted"}, flags["retweets"] or 0, flags["duplicates"] or 0)

@@ -103,7 +103,7 @@ def weights_hash(name: str) -> str:
     for f in files:
         h.update(f.name.encode())
         with f.open("rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
+            while chunk := fh.read(1 << 22):
                 h.update(chunk)
     return h.hexdigest()
 

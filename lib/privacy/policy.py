@@ -70,7 +70,7 @@ class Policy(_Model):
     approved_by: str | None = None
     approved_on: date | None = None
     floor: int = Field(10, ge=0)
-    profiles: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"default": {}})
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"default": dict[str, Any]()})
     budget: Budget = Field(default_factory=lambda: Budget(epsilon=1.0))
     release_types: dict[str, ReleaseType]
 
