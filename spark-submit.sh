@@ -14,7 +14,29 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${MIGRALAKE_VENV:-$ROOT/.venv}"
+JARS="${MIGRALAKE_JARS:-$ROOT/.jars}"
+PYTHON="${MIGRALAKE_PYTHON:-python3}"
 DELTA_PACKAGE="io.delta:delta-spark_4.1_2.13:4.4.0"
+
+# The job registry (jobs/__init__.py, plain Python) read with the system Python: the usage and a wrong
+# job name answer at once, before any set-up, on a fresh clone too.
+jobs_tool() {  # jobs_tool list | jobs_tool is NAME
+  "$PYTHON" - "$ROOT/jobs/__init__.py" "$@" <<'PY'
+import difflib, sys
+ns: dict = {}
+exec(compile(open(sys.argv[1], encoding="utf-8").read(), sys.argv[1], "exec"), ns)
+jobs = ns["JOBS"]
+width = max(map(len, jobs))
+listing = "\n".join(f"  {n:<{width}}  {d}" for n, (_, d) in sorted(jobs.items()))
+if sys.argv[2] == "list":
+    print(listing)
+elif sys.argv[3] not in jobs:
+    close = difflib.get_close_matches(sys.argv[3], jobs, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    print(f"spark-submit.sh: unknown job '{sys.argv[3]}'.{hint} Jobs:\n{listing}", file=sys.stderr)
+    sys.exit(2)
+PY
+}
 
 usage() {
   cat <<USAGE
@@ -23,25 +45,26 @@ usage: ./spark-submit.sh <job> [--profile NAME] [--conf FILE]... [--set section.
 
 Runs a migralake job with Spark + Delta. Configuration: conf/base.yaml, then
 conf/<profile>.yaml (default: demo), then each --conf FILE, then environment
-variables MIGRALAKE__SECTION__KEY, then each --set.
+variables MIGRALAKE__SECTION__KEY, then each --set. The first run sets up the
+environment (bin/setup); --help and the job list need nothing.
 
 jobs:
 USAGE
-  "$VENV/bin/python" -m jobs.cli list
+  jobs_tool list
 }
 
 if [[ $# -eq 0 ]]; then
   echo "spark-submit.sh: no job given" >&2
-  "$ROOT/bin/setup" && usage >&2
+  usage >&2
   exit 2
 fi
-
-"$ROOT/bin/setup" || { echo "spark-submit.sh: set-up failed (see above)" >&2; exit 1; }
-
 if [[ "$1" == "-h" || "$1" == "--help" || "$1" == "help" ]]; then
   usage
   exit 0
 fi
+if [[ "$1" != -* ]]; then jobs_tool is "$1" || exit 2; fi
+
+"$ROOT/bin/setup" || { echo "spark-submit.sh: set-up failed (see above)" >&2; exit 1; }
 
 # Split our arguments from extra spark-submit arguments after "--".
 job_args=()
@@ -82,7 +105,7 @@ PY
 submit_args=(--master "$master" --name "migralake-${job_args[0]}" --py-files "$zip_path"
              --conf "spark.driver.extraJavaOptions=-Dlog4j.configurationFile=$ROOT/conf/log4j2.properties -Dderby.system.home=$ROOT/build")
 if [[ "$master" == local* ]]; then
-  jars="$(ls "$ROOT"/.jars/*.jar | paste -sd, -)"
+  jars="$(ls "$JARS"/*.jar | paste -sd, -)"
   submit_args+=(--jars "$jars" --driver-memory "$driver_memory")
 else
   submit_args+=(--packages "$DELTA_PACKAGE")

@@ -19,8 +19,10 @@ Reads no tables and writes none.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any, Literal
@@ -136,6 +138,34 @@ class ScalingSettings(_Section):
         return bool(self.weights or self.population or self.population_path)
 
 
+@dataclass(frozen=True)
+class SpatialUnit:
+    """A spatial unit of aggregation: an admin level (``admin1``, ``admin2``, ...) or an H3 resolution
+    (``h3_<0-15>``). ``SpatialUnit.parse`` is the one place the text form is read."""
+
+    name: str
+    admin_level: str | None = None
+    h3_resolution: int | None = None
+
+    @classmethod
+    def parse(cls, text: str, key: str = "spatial_unit") -> SpatialUnit:
+        t = str(text).strip()
+        m = re.fullmatch(r"h3_(\d{1,2})", t)
+        if m:
+            res = int(m.group(1))
+            if not 0 <= res <= 15:
+                raise ValueError(f"{key}: '{t}': an H3 resolution is 0 to 15")
+            return cls(t, h3_resolution=res)
+        if re.fullmatch(r"admin\d", t):
+            return cls(t, admin_level=t)
+        raise ValueError(f"{key}: '{t}' is not a spatial unit: use an admin level (admin1, admin2) "
+                         "or h3_<resolution 0-15>, e.g. h3_7")
+
+    @property
+    def is_h3(self) -> bool:
+        return self.h3_resolution is not None
+
+
 class CdrSettings(_Section):
     """Call-detail-record pipeline settings (jobs/cdr)."""
 
@@ -144,8 +174,8 @@ class CdrSettings(_Section):
     admin_paths: dict[str, str] = Field(default_factory=dict)  # level name -> GeoJSON/GPKG path
     column_mapping: dict[str, str] = Field(default_factory=dict)  # our name -> source column name
     timestamp_format: str | None = None  # None: ISO 8601
-    spatial_unit: str = "admin2"  # an admin level name or "h3_<resolution>"
-    h3_resolution: int = Field(7, ge=0, le=15)
+    spatial_unit: str = "admin2"  # admin1, admin2 or h3_<resolution> (SpatialUnit)
+    h3_resolution: int = Field(7, ge=0, le=15)  # of silver.cdr_cells.h3_index; h3_<r> units use their own r
     nearest_area_max_km: float = Field(5.0, ge=0)
     daily_location_rule: Literal["last", "most_frequent"] = "last"
     hours: tuple[int, int] | None = None  # optional [start, end) hour window for daily locations
@@ -160,6 +190,18 @@ class CdrSettings(_Section):
     event_date: date | None = None
     post_event_weeks: int = Field(4, ge=1)  # weeks after event_date with a home location each
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+
+    @field_validator("spatial_unit")
+    @classmethod
+    def _unit(cls, v: str) -> str:
+        unit = SpatialUnit.parse(v, "cdr.spatial_unit")
+        if unit.admin_level not in (None, "admin1", "admin2"):
+            raise ValueError(f"cdr.spatial_unit: '{v}': cells carry admin1 and admin2 only (or use h3_<res>)")
+        return unit.name
+
+    @property
+    def unit(self) -> SpatialUnit:
+        return SpatialUnit.parse(self.spatial_unit, "cdr.spatial_unit")
 
 
 class MaskSpec(_Section):

@@ -102,3 +102,39 @@ def test_scaling_weights_from_population_and_estimates(spark: SparkSession, tmp_
     df = spark.createDataFrame([("A", 3), ("B", 2)], "unit string, n_subscribers long")
     est = {r["unit"]: r["est_population"] for r in mobility.with_estimate(df, {"A": 100.0}, "unit", "n_subscribers").collect()}
     assert est == {"A": 300.0, "B": None}
+
+
+def test_h3_units_aggregate_at_their_own_resolution(spark: SparkSession) -> None:
+    import h3
+
+    from lib.config import SpatialUnit
+
+    a9 = h3.latlng_to_cell(-8.05, -34.9, 9)
+    (la, lo) = h3.cell_to_latlng(a9)
+    parent = h3.latlng_to_cell(la, lo, 7)  # the resolution-7 cell holding A's site, as ingest computes it
+    b9 = next(c for c in h3.grid_disk(a9, 1) if c != a9 and h3.latlng_to_cell(*h3.cell_to_latlng(c), 7) == parent)
+    (lb, lob) = h3.cell_to_latlng(b9)
+    # silver.cdr_cells carries H3 at cdr.h3_resolution = 7: both cells share it.
+    cells = spark.createDataFrame(
+        [("A", None, la, lo, None, None, parent, "R1", "R1-D1", "within"),
+         ("B", None, lb, lob, None, None, parent, "R1", "R1-D1", "within")],
+        "cell_id string, site_id string, latitude double, longitude double, valid_from date, valid_to date, "
+        "h3_index string, admin1 string, admin2 string, assignment string")
+    events = spark.createDataFrame(
+        [(s, datetime(2024, 3, 4, 12), D0, c) for s, c in [("s1", "A"), ("s2", "A"), ("s3", "A"), ("s4", "B"),
+                                                          ("s5", "B")]],
+        "subscriber_id string, event_time timestamp, event_date date, cell_id string")
+
+    def count(unit: str) -> dict[str, int]:
+        located = mobility.events_with_units(events, cells, unit)
+        return {r["unit"]: r["n"] for r in located.groupBy("unit").count().withColumnRenamed("count", "n").collect()}
+
+    assert count("h3_9") == {a9: 3, b9: 2}  # by hand: three subscribers in A's cell, two in B's
+    assert count("h3_7") == {parent: 5}
+    assert count("admin2") == {"R1-D1": 5}
+    assert SpatialUnit.parse("h3_9").h3_resolution == 9 and SpatialUnit.parse("admin1").admin_level == "admin1"
+    for bad, why in (("h3_16", "0 to 15"), ("district", "not a spatial unit"), ("h3-9", "not a spatial unit")):
+        with pytest.raises(ValueError, match=why):
+            SpatialUnit.parse(bad)
+    with pytest.raises(ValueError, match="cdr.spatial_unit: 'admin3': cells carry admin1 and admin2 only"):
+        CdrSettings(spatial_unit="admin3")

@@ -26,6 +26,16 @@ def test_help_lists_every_job() -> None:
         assert f"{name}" in out.stdout and description in out.stdout
 
 
+def test_help_and_a_wrong_job_need_no_set_up(tmp_path: Path) -> None:
+    # An environment and jars that do not exist: answering must not build or use them.
+    env = {"MIGRALAKE_VENV": str(tmp_path / "no-venv"), "MIGRALAKE_JARS": str(tmp_path / "no-jars")}
+    helped = submit("--help", env=env, timeout=30)
+    assert helped.returncode == 0 and "cdr.ingest" in helped.stdout
+    wrong = submit("cdr.ingets", env=env, timeout=30)
+    assert wrong.returncode == 2 and "Did you mean 'cdr.ingest'?" in wrong.stderr
+    assert not (tmp_path / "no-venv").exists() and not (tmp_path / "no-jars").exists()
+
+
 def test_unknown_job_is_a_clear_error() -> None:
     out = submit("cdr.ingets")
     assert out.returncode == 2

@@ -28,25 +28,44 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from jobs.cdr.ingest import join_valid_cells, require_period
-from lib.config import CdrSettings, Config, ConfigError, ScalingSettings
+from lib import geo
+from lib.config import CdrSettings, Config, ConfigError, ScalingSettings, SpatialUnit
 from lib.runtime import log, stage
+from lib.spark import to_pandas
 from lib.tables import Lakehouse
 
 DESCRIPTION = "bronze.cdr_events -> daily/home locations -> presence, OD flows, displacement (gold)"
 
 
-def unit_column(spatial_unit: str) -> str:
-    """The silver.cdr_cells column holding a spatial unit ('admin1', 'admin2', 'h3')."""
-    if spatial_unit in {"admin1", "admin2"}:
-        return spatial_unit
-    if spatial_unit.startswith("h3_"):
-        return "h3_index"
-    raise ConfigError(f"cdr.spatial_unit: '{spatial_unit}' is not admin1, admin2 or h3_<resolution>")
+def cells_with_unit(cells: DataFrame, spatial_unit: str) -> DataFrame:
+    """The cells table with a ``_unit`` column: the cell's admin area, or its H3 cell at the unit's own
+    resolution (from the cell's coordinates: ``h3_9`` is resolution 9 whatever ``cdr.h3_resolution`` is)."""
+    try:
+        unit = SpatialUnit.parse(spatial_unit, "cdr.spatial_unit")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if unit.admin_level:
+        if unit.admin_level not in cells.columns:
+            raise ConfigError(f"cdr.spatial_unit: '{spatial_unit}': silver.cdr_cells has no such admin level")
+        return cells.withColumn("_unit", F.col(unit.admin_level))
+    res = unit.h3_resolution
+    assert res is not None
+    spark = cells.sparkSession
+    coords = to_pandas(cells.select("cell_id", "valid_from", "valid_to", "latitude", "longitude"))
+    coords["_unit"] = geo.h3_cells(coords["latitude"].to_numpy(), coords["longitude"].to_numpy(), res) \
+        if len(coords) else []
+    keyed = spark.createDataFrame(coords[["cell_id", "valid_from", "valid_to", "_unit"]].astype(object).where(
+        coords[["cell_id", "valid_from", "valid_to", "_unit"]].notna(), None),
+        "cell_id string, valid_from date, valid_to date, _unit string")
+    return cells.join(keyed, on=[cells["cell_id"].eqNullSafe(keyed["cell_id"]),
+                                 cells["valid_from"].eqNullSafe(keyed["valid_from"]),
+                                 cells["valid_to"].eqNullSafe(keyed["valid_to"])], how="inner") \
+        .select(cells["*"], keyed["_unit"])
 
 
 def events_with_units(events: DataFrame, cells: DataFrame, spatial_unit: str) -> DataFrame:
     """Events with the spatial unit of their cell on the event date."""
-    joined = join_valid_cells(events, cells, how="inner", columns={unit_column(spatial_unit): "unit"})
+    joined = join_valid_cells(events, cells_with_unit(cells, spatial_unit), how="inner", columns={"_unit": "unit"})
     return joined.select("subscriber_id", "event_time", F.col("event_date").alias("date"), "unit")
 
 

@@ -39,7 +39,7 @@ from pyspark.sql import functions as F
 
 from jobs.social import model as models
 from lib import geo
-from lib.config import PROJECT_ROOT, Config, ConfigError
+from lib.config import PROJECT_ROOT, Config, ConfigError, SpatialUnit
 from lib.pydaemon import PRELOAD_ENV, worker_environment
 from lib.runtime import log, stage
 from lib.tables import Lakehouse, spec
@@ -312,9 +312,9 @@ def score(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     paths = social.admin_paths or cfg.cdr.admin_paths
     if unit.startswith("h3_"):
         try:
-            h3_res = int(unit[3:])
-        except ValueError:
-            raise ConfigError(f"social.spatial_unit '{unit}': expected an admin level or h3_<0-15>") from None
+            h3_res = int(SpatialUnit.parse(unit, "social.spatial_unit").h3_resolution or 0)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         boundaries: dict = {}
     else:
         if unit not in paths:
