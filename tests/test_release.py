@@ -196,3 +196,19 @@ def test_spatial_release_with_a_two_level_hierarchy_writes_geojson(spark: SparkS
     margins = pd.read_parquet(folder / "margins.parquet")
     assert set(margins["margin"]) == {"admin1", "total"}  # region totals and the national total
     assert verify(spark, cfg, out["release_id"]) == 0
+
+
+def test_a_slice_the_guard_refuses_stops_the_release_and_publishes_nothing(spark: SparkSession,
+                                                                           tmp_path: Path) -> None:
+    text = (CONF_DIR / "privacy.yaml").read_text()
+    policy = tmp_path / "bad-margins.yaml"  # cdr_od margins on a column the table does not have
+    policy.write_text(text.replace("    margins: [[origin], [destination], []]\n    owner: cdr\n  cdr_displacement",
+                                   "    margins: [[origin], [district], []]\n    owner: cdr\n  cdr_displacement"))
+    cfg = config(tmp_path, policy)
+    lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
+    gold_od(spark, lake)
+    with pytest.raises(release.ReleaseError, match=r"slice \{'date': '2024-03-04', 'spatial_unit': 'admin2'\}: "
+                                                   r"the policy names columns the table lacks: \['district'\]"):
+        release.release(spark, cfg, "cdr_od")
+    assert not lake.exists("audit.releases") and not lake.exists("exports.cdr_od")
+    assert not (tmp_path / "exports").exists() or not any((tmp_path / "exports").iterdir())

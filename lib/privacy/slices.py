@@ -102,6 +102,7 @@ def guard_slice(pdf: pd.DataFrame, rt: ReleaseType, schema_names: list[str], see
         frame = pdf
         if prepare is not None:
             frame, prepared = prepare(frame)
+        guard.validate(frame, dims, rt.count_column, rt.margins)  # before anything reads the columns
         frame = frame.sort_values(dims).reset_index(drop=True)
         summary["digest"] = digest(frame)
         noise = rt.noise.model_dump() if rt.noise else None
@@ -116,6 +117,9 @@ def guard_slice(pdf: pd.DataFrame, rt: ReleaseType, schema_names: list[str], see
                 raise guard.GuardError("the attacker check failed on the guarded slice: " + "; ".join(found[:3]))
     except guard.GuardError as exc:
         summary["error"] = str(exc)
+    except Exception as exc:  # noqa: BLE001 - any failure refuses the release, naming the slice
+        summary["error"] = f"{type(exc).__name__}: {exc}"
+    if "error" in summary:
         out = pd.DataFrame({c: [None] for c in schema_names})
         out[ROW] = "summary"
         for c, v in zip(rt.slice_by, key, strict=True):
