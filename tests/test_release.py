@@ -212,3 +212,25 @@ def test_a_slice_the_guard_refuses_stops_the_release_and_publishes_nothing(spark
         release.release(spark, cfg, "cdr_od")
     assert not lake.exists("audit.releases") and not lake.exists("exports.cdr_od")
     assert not (tmp_path / "exports").exists() or not any((tmp_path / "exports").iterdir())
+
+
+def test_presence_releases_whatever_other_levels_exist_in_gold(spark: SparkSession, tmp_path: Path) -> None:
+    cfg = config(tmp_path, period=(DAY1, DAY1))
+    lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
+    units = {"R1-D1": 9, "R1-D2": 120, "R1-D3": 80, "R2-D1": 300, "R2-D2": 40}
+    cells = [(f"C{i}", None, 30.0, -1.0, None, None, "87000000fffffff", u[:2], u, "within")
+             for i, u in enumerate(units)]
+    lake.write(spark.createDataFrame(cells, schema=spec("silver.cdr_cells").schema), "silver.cdr_cells",
+               mode="overwrite")
+    schema = spec("gold.cdr_presence_daily").schema
+    lake.write(spark.createDataFrame([(DAY1, "admin2", u, n, None) for u, n in units.items()], schema=schema),
+               "gold.cdr_presence_daily", period=(DAY1, DAY1), scope={"spatial_unit": "admin2"})
+    lake.write(spark.createDataFrame([(DAY1, "admin1", "R1", 209, None), (DAY1, "admin1", "R2", 340, None)],
+                                     schema=schema),
+               "gold.cdr_presence_daily", period=(DAY1, DAY1), scope={"spatial_unit": "admin1"})
+    out = release.release(spark, cfg, "cdr_presence")  # admin1 rows next to admin2 ones: not refused
+    rows = lake.read("exports.cdr_presence").filter(f"release_id = '{out['release_id']}'").toPandas()
+    assert sorted(rows.loc[rows["spatial_unit"] == "admin1", "unit"]) == ["R1", "R2"]
+    assert (rows.loc[rows["spatial_unit"] == "admin1", "admin1"] == rows.loc[rows["spatial_unit"] == "admin1",
+                                                                              "unit"]).all()
+    assert out["counts"]["slices"] == 2 and verify(spark, cfg, out["release_id"]) == 0
