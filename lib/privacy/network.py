@@ -99,15 +99,15 @@ def _refines(fine: np.ndarray, coarse: np.ndarray) -> bool:
     return len(pairs) == len(np.unique(fine))
 
 
-def chains(frame: pd.DataFrame, margins: Sequence[Sequence[str]]) -> tuple[list[int], list[int], bool] | None:
+def chains(margins: Sequence[Sequence[str]], codes: dict[int, np.ndarray]) -> tuple[list[int], list[int], bool] | None:
     """Split the margin specs into two chains of nested groupings (indices, finest first) and whether the
-    grand total is published; None when the specs are not two such chains (no network)."""
+    grand total is published; None when the specs are not two such chains (no network). ``codes``: each
+    spec's group code per cell."""
     total = any(len(m) == 0 for m in margins)
     others = [i for i, m in enumerate(margins) if len(m) > 0]
     if len({tuple(margins[i]) for i in others}) != len(others) or sum(len(m) == 0 for m in margins) > 1:
         return None  # the same grouping twice: not a network (and never needed)
-    codes = {i: _codes(frame, margins[i]) for i in others}
-    order = sorted(others, key=lambda i: (-len(np.unique(codes[i])) if len(frame) else 0, i))
+    order = sorted(others, key=lambda i: (-len(np.unique(codes[i])), i))
     c1: list[int] = []
     c2: list[int] = []
     for i in order:
@@ -126,12 +126,12 @@ def build(frame: pd.DataFrame, dims: Sequence[str], margins: Sequence[Sequence[s
     Arc order: cells in frame order, then for each margin spec in the given order its groups sorted by key,
     the same order as :func:`lib.privacy.guard.build_slice`.
     """
-    split = chains(frame, margins)
+    codes = {i: _codes(frame, m) for i, m in enumerate(margins)}
+    split = chains(margins, codes)
     if split is None:
         return None
     c1, c2, has_total = split
     n = len(frame)
-    codes = {i: _codes(frame, m) for i, m in enumerate(margins)}
     # Margin arcs: index offset of each spec's groups, in spec order.
     offsets: dict[int, int] = {}
     kinds = ["cell"] * n
@@ -142,9 +142,8 @@ def build(frame: pd.DataFrame, dims: Sequence[str], margins: Sequence[Sequence[s
         name = "+".join(m) if m else "total"
         if m:
             first = pd.DataFrame({"g": codes[i]}).drop_duplicates("g").sort_values("g").index.to_numpy()
-            for r in first:
-                keys.append(tuple(frame[list(m)].iloc[int(r)].tolist()))
-                kinds.append(name)
+            keys.extend(frame[list(m)].iloc[first].itertuples(index=False, name=None))
+            kinds.extend([name] * len(first))
         else:
             keys.append(())
             kinds.append(name)
@@ -226,29 +225,45 @@ def protect(net: Network, values: np.ndarray, withheld: np.ndarray, threshold: i
             path = _bfs_path(head[e], tail[e], e, out_adj, in_adj, tail, head, vals, lb, held, delta, budget)
             if path is None:  # the cheapest cycle through published cells near it, else anywhere
                 for limit in (budget, 1 << 62):
-                    path = _cheapest_path(head[e], tail[e], e, 1, out_adj, in_adj, tail, head, vals, lb, held,
-                                          cost, delta, limit)
+                    path = _cheapest_path(head[e], tail[e], e, out_adj, in_adj, tail, head, vals, lb, held, cost,
+                                          delta, limit)
                     if path is not None:
                         break
             if path is None:
                 raise Unprotectable(e, f"no cycle through it can raise it above {threshold} "
                                        f"(value {vals[e]}, still {need} short)")
-            push = need
-            for a, d in path:
-                if d < 0:
-                    push = min(push, vals[a] - lb[a] + delta.get(a, 0))
-            for a, d in path:
-                delta[a] = delta.get(a, 0) + d * push
-                held[a] = True
-            need -= push
+            for a, _ in path:
+                held[a] = True  # published statistics on the cycle become complementary suppressions
+            need -= _push(path, need, vals, lb, delta)
     return np.array(held, dtype=bool)
 
 
-def _cheapest_path(s: int, t: int, skip: int, min_cap: int, out_adj: list[list[int]], in_adj: list[list[int]],
+def _push(path: list[tuple[int, int]], need: int, x: list[int], lb: list[int], delta: dict[int, int]) -> int:
+    """Push as much as the path allows, up to ``need``, into ``delta``; returns the amount pushed."""
+    push = need
+    for a, sign in path:
+        if sign < 0:
+            push = min(push, x[a] - lb[a] + delta.get(a, 0))
+    for a, sign in path:
+        delta[a] = delta.get(a, 0) + sign * push
+    return push
+
+
+def _trace(pred: dict[int, tuple[int, int, int]], s: int, n: int) -> list[tuple[int, int]]:
+    """The path s -> n recorded in ``pred`` (node -> (arc, sign, previous node)), in order."""
+    path = []
+    while n != s:
+        a, sign, prev = pred[n]
+        path.append((a, sign))
+        n = prev
+    return path[::-1]
+
+
+def _cheapest_path(s: int, t: int, skip: int, out_adj: list[list[int]], in_adj: list[list[int]],
                    tail: list[int], head: list[int], vals: list[int], lb: list[int], held: list[bool],
                    cost: list[int], delta: dict[int, int], limit: int) -> list[tuple[int, int]] | None:
-    """Cheapest residual path s -> t (Dijkstra; a hop costs 1, a published statistic its cost), each
-    decreasing step with at least ``min_cap`` to spare. Returns [(arc, +1 increase / -1 decrease)]."""
+    """Cheapest residual path s -> t (Dijkstra; each step costs HOP, a published statistic its cost too),
+    each decrease with a unit to spare, visiting at most ``limit`` nodes. Returns [(arc, +1 / -1)]."""
     dist = {s: 0}
     pred: dict[int, tuple[int, int, int]] = {}
     heap = [(0, 0, s)]
@@ -259,35 +274,22 @@ def _cheapest_path(s: int, t: int, skip: int, min_cap: int, out_adj: list[list[i
         if n in done:
             continue
         if n == t:
-            path = []
-            while n != s:
-                a, sign, prev = pred[n]
-                path.append((a, sign))
-                n = prev
-            return path[::-1]
+            return _trace(pred, s, n)
         done.add(n)
         if len(done) > limit:
             return None
-        for a in out_adj[n]:
-            if a == skip:
-                continue
-            m = head[a]
-            nd = d + HOP + (0 if held[a] else cost[a])
-            if nd < dist.get(m, math.inf):
-                dist[m] = nd
-                pred[m] = (a, 1, n)
-                heapq.heappush(heap, (nd, counter, m))
-                counter += 1
-        for a in in_adj[n]:
-            if a == skip or vals[a] - lb[a] + delta.get(a, 0) < min_cap:
-                continue
-            m = tail[a]
-            nd = d + HOP + (0 if held[a] else cost[a])
-            if nd < dist.get(m, math.inf):
-                dist[m] = nd
-                pred[m] = (a, -1, n)
-                heapq.heappush(heap, (nd, counter, m))
-                counter += 1
+        # arcs leaving n are increased (no bound), arcs entering n decreased (down to their lower bound)
+        for arcs, ends, sign in ((out_adj[n], head, 1), (in_adj[n], tail, -1)):
+            for a in arcs:
+                if a == skip or (sign < 0 and vals[a] - lb[a] + delta.get(a, 0) < 1):
+                    continue
+                m = ends[a]
+                nd = d + HOP + (0 if held[a] else cost[a])
+                if nd < dist.get(m, math.inf):
+                    dist[m] = nd
+                    pred[m] = (a, sign, n)
+                    heapq.heappush(heap, (nd, counter, m))
+                    counter += 1
     return None
 
 
@@ -312,43 +314,31 @@ def _bfs_path(s: int, t: int, skip: int, out_adj: list[list[int]], in_adj: list[
     queue = [s]
     i = 0
     end = -1
-    while i < len(queue) and len(pred) <= budget:
+    while end < 0 and i < len(queue) and len(pred) <= budget:
         n = queue[i]
         i += 1
         if n in into_t:
             end = n
             break
-        for a in out_adj[n]:
-            m = head[a]
-            if a == skip or not held[a] or m in pred:
-                continue
-            pred[m] = (a, 1, n)
-            if m == t or m in into_t:
-                end = m
+        # arcs leaving n are increased (no bound), arcs entering n decreased (a unit to spare)
+        for arcs, ends, sign in ((out_adj[n], head, 1), (in_adj[n], tail, -1)):
+            for a in arcs:
+                if a == skip or not held[a] or (sign < 0 and x[a] - lb[a] + delta.get(a, 0) < 1):
+                    continue
+                m = ends[a]
+                if m in pred:
+                    continue
+                pred[m] = (a, sign, n)
+                if m == t or m in into_t:
+                    end = m
+                    break
+                queue.append(m)
+            if end >= 0:
                 break
-            queue.append(m)
-        if end >= 0:
-            break
-        for a in in_adj[n]:
-            m = tail[a]
-            if a == skip or not held[a] or m in pred or x[a] - lb[a] + delta.get(a, 0) < 1:
-                continue
-            pred[m] = (a, -1, n)
-            if m == t or m in into_t:
-                end = m
-                break
-            queue.append(m)
-        if end >= 0:
-            break
     if end < 0:
         return None
-    path = [] if end == t else [into_t[end]]
-    n = end
-    while n != s:
-        a, sign, prev = pred[n]
-        path.append((a, sign))
-        n = prev
-    return path[::-1]
+    path = _trace(pred, s, end)
+    return path if end == t else [*path, into_t[end]]
 
 
 # ----------------------------------------------------------------------------- the attacker (published values only)
@@ -482,11 +472,5 @@ def _local_flow(s: int, t: int, skip: int, need: int, out_adj: list[list[int]], 
         path = _bfs_path(s, t, skip, out_adj, in_adj, tail, head, x, lb, held, delta, budget)
         if path is None:
             return got
-        push = need - got
-        for a, sign in path:
-            if sign < 0:
-                push = min(push, x[a] - lb[a] + delta.get(a, 0))
-        for a, sign in path:
-            delta[a] = delta.get(a, 0) + sign * push
-        got += push
+        got += _push(path, need - got, x, lb, delta)
     return got
