@@ -33,7 +33,7 @@ from pyspark.sql import functions as F
 
 from jobs import release as release_job  # registers audit.releases
 from lib.config import PROJECT_ROOT, Config
-from lib.privacy import guard
+from lib.privacy import guard, slices
 from lib.tables import Lakehouse
 
 BATCH = 65_536
@@ -285,7 +285,7 @@ def run(spark: SparkSession, cfg: Config, args: argparse.Namespace) -> int:
         print(f"{'release id':<48} {'created (UTC)':<20} {'requester':<12} {'withheld':>8} {'cells':>7}  override")
         for r in rows:
             t = json.loads(r["counts_json"])["totals"]
-            w = t.get("withheld_primary", 0) + t.get("withheld_complementary", 0) + t.get("withheld_after_noise", 0)
+            w = sum(t.get(k, 0) for k in slices.WITHHELD_REASONS)
             print(f"{r['release_id']:<48} {str(r['created_at']):<20} {r['requester']:<12} {w:>8} "
                   f"{t.get('cells_in', 0):>7}  {'yes' if r['overridden'] else ''}")
         return 0

@@ -325,7 +325,7 @@ def release(spark: SparkSession, cfg: Config, release_type: str, requester: str 
             raise ReleaseError(f"release {release_type}: {exc}") from None
         totals = guarded.totals
         st.rows_in = totals.get("cells_in", 0)
-        st.rows_out = totals.get("cells_in", 0) - sum(totals.get(k, 0) for k in WITHHELD)
+        st.rows_out = totals.get("cells_released", 0)
         st.notes.update({k: v for k, v in totals.items() if k.startswith("withheld") or k == "slices"})
     counts = {"totals": totals, "per_slice": guarded.per_slice}
     release_id = f"{release_type}-{phash[:8]}-{guarded.content[:12]}"
@@ -336,9 +336,6 @@ def release(spark: SparkSession, cfg: Config, release_type: str, requester: str 
                         override_reason, overridden)
     finally:
         guarded.release()
-
-
-WITHHELD = ("withheld_primary", "withheld_complementary", "withheld_after_noise")
 
 
 def _publish(spark: SparkSession, cfg: Config, lake: Lakehouse, policy: Any, rt: ReleaseType, release_type: str,
@@ -435,7 +432,7 @@ def _publish(spark: SparkSession, cfg: Config, lake: Lakehouse, policy: Any, rt:
                json.dumps({rt.source: version}), start, end, json.dumps(counts, sort_keys=True),
                json.dumps(files, sort_keys=True), str(out_dir))
         lake.write(spark.createDataFrame([row], schema=RELEASES.schema), "audit.releases", mode="append")
-    withheld = sum(counts["totals"].get(k, 0) for k in WITHHELD)
+    withheld = counts["totals"]["withheld"]
     log.info("release %s: %s -> %s (%d cells, %d withheld)", release_type, release_id, out_dir,
              counts["totals"].get("cells_in", 0), withheld)
     return {"release_id": release_id, "path": str(out_dir), "counts": counts["totals"], "new": True}

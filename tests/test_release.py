@@ -32,6 +32,18 @@ def gold_od(spark: SparkSession, lake: Lakehouse) -> None:
     lake.write(df, "gold.cdr_od_daily", period=(DAY1, DAY2), scope={"spatial_unit": "admin2"})
 
 
+def gold_presence_admin2(spark: SparkSession, lake: Lakehouse) -> None:
+    """Five admin2 units in two regions (R1-D1 = 9 is withheld) and their cells, on DAY1."""
+    units = {"R1-D1": 9, "R1-D2": 120, "R1-D3": 80, "R2-D1": 300, "R2-D2": 40}
+    cells = [(f"C{i}", None, 30.0, -1.0, None, None, "87000000fffffff", u[:2], u, "within")
+             for i, u in enumerate(units)]
+    lake.write(spark.createDataFrame(cells, schema=spec("silver.cdr_cells").schema), "silver.cdr_cells",
+               mode="overwrite")
+    lake.write(spark.createDataFrame([(DAY1, "admin2", u, n, None) for u, n in units.items()],
+                                     schema=spec("gold.cdr_presence_daily").schema),
+               "gold.cdr_presence_daily", period=(DAY1, DAY1), scope={"spatial_unit": "admin2"})
+
+
 def config(tmp_path: Path, policy: Path | None = None, period: tuple[date, date] | None = None):  # type: ignore[no-untyped-def]
     over = [f"lakehouse.root={tmp_path / 'lake'}", f"lakehouse.exports_dir={tmp_path / 'exports'}",
             f"lakehouse.reports_dir={tmp_path / 'reports'}"]
@@ -177,14 +189,7 @@ def test_spatial_release_with_a_two_level_hierarchy_writes_geojson(spark: SparkS
     cfg = cfg.model_copy(update={"cdr": cfg.cdr.model_copy(update={"admin_paths": {
         "admin2": str(tmp_path / "admin2.geojson")}})})
     lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
-    units = {"R1-D1": 9, "R1-D2": 120, "R1-D3": 80, "R2-D1": 300, "R2-D2": 40}
-    cells = [(f"C{i}", None, 30.0, -1.0, None, None, "87000000fffffff", u[:2], u, "within")
-             for i, u in enumerate(units)]
-    lake.write(spark.createDataFrame(cells, schema=spec("silver.cdr_cells").schema), "silver.cdr_cells",
-               mode="overwrite")
-    lake.write(spark.createDataFrame([(DAY1, "admin2", u, n, None) for u, n in units.items()],
-                                     schema=spec("gold.cdr_presence_daily").schema),
-               "gold.cdr_presence_daily", period=(DAY1, DAY1), scope={"spatial_unit": "admin2"})
+    gold_presence_admin2(spark, lake)
     out = release.release(spark, cfg, "cdr_presence")
     folder = Path(out["path"])
     geo = gpd.read_file(folder / "cells.geojson")
@@ -217,16 +222,9 @@ def test_a_slice_the_guard_refuses_stops_the_release_and_publishes_nothing(spark
 def test_presence_releases_whatever_other_levels_exist_in_gold(spark: SparkSession, tmp_path: Path) -> None:
     cfg = config(tmp_path, period=(DAY1, DAY1))
     lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
-    units = {"R1-D1": 9, "R1-D2": 120, "R1-D3": 80, "R2-D1": 300, "R2-D2": 40}
-    cells = [(f"C{i}", None, 30.0, -1.0, None, None, "87000000fffffff", u[:2], u, "within")
-             for i, u in enumerate(units)]
-    lake.write(spark.createDataFrame(cells, schema=spec("silver.cdr_cells").schema), "silver.cdr_cells",
-               mode="overwrite")
-    schema = spec("gold.cdr_presence_daily").schema
-    lake.write(spark.createDataFrame([(DAY1, "admin2", u, n, None) for u, n in units.items()], schema=schema),
-               "gold.cdr_presence_daily", period=(DAY1, DAY1), scope={"spatial_unit": "admin2"})
+    gold_presence_admin2(spark, lake)
     lake.write(spark.createDataFrame([(DAY1, "admin1", "R1", 209, None), (DAY1, "admin1", "R2", 340, None)],
-                                     schema=schema),
+                                     schema=spec("gold.cdr_presence_daily").schema),
                "gold.cdr_presence_daily", period=(DAY1, DAY1), scope={"spatial_unit": "admin1"})
     out = release.release(spark, cfg, "cdr_presence")  # admin1 rows next to admin2 ones: not refused
     rows = lake.read("exports.cdr_presence").filter(f"release_id = '{out['release_id']}'").toPandas()

@@ -36,6 +36,7 @@ from lib.privacy.policy import ReleaseType
 ROW, SUMMARY = "_row", "_summary"
 WITHHELD = "withheld"
 PUBLIC_COUNTS = ("cells_in", "margins_in", "slices", "withheld", "noised_or_rounded")
+WITHHELD_REASONS = ("withheld_primary", "withheld_complementary", "withheld_after_noise")  # summed: "withheld"
 Prepare = Callable[[pd.DataFrame], tuple[pd.DataFrame, dict[str, int]]]
 
 
@@ -137,7 +138,7 @@ def guard_slice(pdf: pd.DataFrame, rt: ReleaseType, schema_names: list[str], see
     margins = p.margins.copy()
     margins["status"] = margins["status"].where(margins["status"] == guard.RELEASED, WITHHELD)
     margins[ROW] = "margin"
-    summary["counts"] = {**p.counts, **prepared}
+    summary["counts"] = {**p.counts, **prepared, "cells_released": int((cells["status"] == guard.RELEASED).sum())}
     summary["seconds"] = round(time.perf_counter() - started, 3)
     tail = pd.DataFrame({ROW: ["summary"], SUMMARY: [json.dumps(summary, default=str)]})
     out = pd.concat([cells, margins, tail], ignore_index=True)
@@ -184,8 +185,7 @@ def guard_all(df: DataFrame, rt: ReleaseType, seed: str, prepare: Prepare | None
         for k, v in s["counts"].items():
             totals[k] = totals.get(k, 0) + int(v)
     totals["slices"] = len(summaries)
-    totals["withheld"] = sum(totals.get(k, 0) for k in ("withheld_primary", "withheld_complementary",
-                                                          "withheld_after_noise"))
+    totals["withheld"] = sum(totals.get(k, 0) for k in WITHHELD_REASONS)
     content = hashlib.sha256("\n".join(f"{json.dumps(s['slice'], sort_keys=True)} {s['digest']}"
                                        for s in summaries).encode()).hexdigest()
     per_slice = [{**s["slice"], **s["counts"], "seconds": s["seconds"]} for s in summaries]
