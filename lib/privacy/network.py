@@ -230,8 +230,8 @@ def protect(net: Network, values: np.ndarray, withheld: np.ndarray, threshold: i
                     if path is not None:
                         break
             if path is None:
-                raise Unprotectable(e, f"no cycle through it can raise it above {threshold} "
-                                       f"(value {vals[e]}, still {need} short)")
+                # the message names the statistic, never its value (an exact small count in a log)
+                raise Unprotectable(e, f"no cycle through it can raise it above {threshold}")
             for a, _ in path:
                 held[a] = True  # published statistics on the cycle become complementary suppressions
             need -= _push(path, need, vals, lb, delta)
