@@ -182,25 +182,27 @@ def with_parents(lake: Lakehouse, rt: ReleaseType, df: DataFrame) -> DataFrame:
     return df
 
 
-def owner_inputs(rt: ReleaseType) -> list[str]:
-    """Extra source columns the owning pipeline needs to prepare a release (e.g. to re-aggregate)."""
+def owner_hooks(rt: ReleaseType) -> Any:
+    """The owning pipeline's ``release_hooks`` module (jobs.<owner>.release_hooks), or None."""
     import importlib
 
     try:
-        module = importlib.import_module(f"jobs.{rt.owner}.release_hooks")
+        return importlib.import_module(f"jobs.{rt.owner}.release_hooks")
     except ModuleNotFoundError:
-        return []
-    return list(getattr(module, "INPUTS", []))
+        return None
+
+
+def owner_inputs(rt: ReleaseType) -> list[str]:
+    """Extra source columns the owning pipeline needs to prepare a release (e.g. to re-aggregate)."""
+    module = owner_hooks(rt)
+    return list(getattr(module, "INPUTS", [])) if module else []
 
 
 def owner_prepare(cfg: Config, rt: ReleaseType) -> slices.Prepare | None:
     """The owning pipeline's per-slice preparation before the guard (settlement layers: coarsen H3 cells
     in sensitive zones to the policy's minimum resolution), run on the executors; None when it has none."""
-    import importlib
-
-    try:
-        module = importlib.import_module(f"jobs.{rt.owner}.release_hooks")
-    except ModuleNotFoundError:
+    module = owner_hooks(rt)
+    if module is None:
         return None
     prepare = module.prepare
     return lambda frame: prepare(cfg, rt, frame)  # type: ignore[no-any-return]

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pandas as pd
 from pyspark.sql import DataFrame, Row, SparkSession
@@ -125,3 +125,8 @@ def one_row(df: DataFrame) -> Row:
 def to_pandas(df: DataFrame) -> pd.DataFrame:
     """``df.toPandas()`` typed as a pandas DataFrame."""
     return cast(pd.DataFrame, df.toPandas())
+
+
+def from_pandas(spark: SparkSession, frame: pd.DataFrame, schema: Any) -> DataFrame:
+    """A Spark DataFrame from pandas with every missing value (NaN, NaT, None) as null."""
+    return spark.createDataFrame(frame.astype(object).where(frame.notna(), None), schema=schema)

@@ -26,6 +26,7 @@ from lib import geo
 from lib.config import CdrInput, CdrSettings, Config, ConfigError
 from lib.privacy.pseudonym import load_key, with_pseudonyms
 from lib.runtime import log, stage
+from lib.spark import from_pandas
 from lib.tables import Lakehouse, spec
 
 DESCRIPTION = "CDR event files + cells -> bronze.cdr_events (pseudonymised) and quarantine.cdr_events"
@@ -270,17 +271,14 @@ def ingest_cells(spark: SparkSession, cfg: Config, lake: Lakehouse) -> DataFrame
         raw = read_cells(cdr.cells_path)
         st.rows_in = len(raw)
         usable, quarantined = place_cells(raw, cdr, cdr.cells_path)
-        cells_df = spark.createDataFrame(
-            usable.assign(site_id=usable["site_id"].replace("", None))[
-                ["cell_id", "site_id", "longitude", "latitude", "valid_from", "valid_to", "h3_index", "admin1",
-                 "admin2", "assignment"]
-            ].astype(object).where(usable.notna(), None),
-            schema=spec("silver.cdr_cells").schema,
-        )
+        cells_df = from_pandas(spark, usable.assign(site_id=usable["site_id"].replace("", None))[
+            ["cell_id", "site_id", "longitude", "latitude", "valid_from", "valid_to", "h3_index", "admin1",
+             "admin2", "assignment"]
+        ], spec("silver.cdr_cells").schema)
         lake.write(cells_df, "silver.cdr_cells", mode="overwrite")
         q = quarantined.reindex(columns=["cell_id", "source_file", "reason", "longitude", "latitude"])
         lake.write(
-            spark.createDataFrame(q.astype(object).where(q.notna(), None), schema=spec("quarantine.cdr_cells").schema),
+            from_pandas(spark, q, spec("quarantine.cdr_cells").schema),
             "quarantine.cdr_cells",
             mode="overwrite",
         )

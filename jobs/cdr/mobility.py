@@ -31,15 +31,16 @@ from jobs.cdr.ingest import join_valid_cells, require_period
 from lib import geo
 from lib.config import CdrSettings, Config, ConfigError, ScalingSettings, SpatialUnit
 from lib.runtime import log, stage
-from lib.spark import to_pandas
+from lib.spark import from_pandas, to_pandas
 from lib.tables import Lakehouse
 
 DESCRIPTION = "bronze.cdr_events -> daily/home locations -> presence, OD flows, displacement (gold)"
 
 
 def cells_with_unit(cells: DataFrame, spatial_unit: str) -> DataFrame:
-    """The cells table with a ``_unit`` column: the cell's admin area, or its H3 cell at the unit's own
-    resolution (from the cell's coordinates: ``h3_9`` is resolution 9 whatever ``cdr.h3_resolution`` is)."""
+    """The cells table (at least cell_id, valid_from, valid_to) with a ``_unit`` column: the cell's admin
+    area, or its H3 cell at the unit's own resolution (from the cell's coordinates: ``h3_9`` is resolution 9
+    whatever ``cdr.h3_resolution`` is)."""
     try:
         unit = SpatialUnit.parse(spatial_unit, "cdr.spatial_unit")
     except ValueError as exc:
@@ -50,17 +51,12 @@ def cells_with_unit(cells: DataFrame, spatial_unit: str) -> DataFrame:
         return cells.withColumn("_unit", F.col(unit.admin_level))
     res = unit.h3_resolution
     assert res is not None
-    spark = cells.sparkSession
     coords = to_pandas(cells.select("cell_id", "valid_from", "valid_to", "latitude", "longitude"))
     coords["_unit"] = geo.h3_cells(coords["latitude"].to_numpy(), coords["longitude"].to_numpy(), res) \
         if len(coords) else []
-    keyed = spark.createDataFrame(coords[["cell_id", "valid_from", "valid_to", "_unit"]].astype(object).where(
-        coords[["cell_id", "valid_from", "valid_to", "_unit"]].notna(), None),
-        "cell_id string, valid_from date, valid_to date, _unit string")
-    return cells.join(keyed, on=[cells["cell_id"].eqNullSafe(keyed["cell_id"]),
-                                 cells["valid_from"].eqNullSafe(keyed["valid_from"]),
-                                 cells["valid_to"].eqNullSafe(keyed["valid_to"])], how="inner") \
-        .select(cells["*"], keyed["_unit"])
+    # the cells table is small: one row per cell and validity period
+    return from_pandas(cells.sparkSession, coords[["cell_id", "valid_from", "valid_to", "_unit"]],
+                       "cell_id string, valid_from date, valid_to date, _unit string")
 
 
 def events_with_units(events: DataFrame, cells: DataFrame, spatial_unit: str) -> DataFrame:
