@@ -324,6 +324,10 @@ class PrivacySettings(_Section):
 
     policy_path: str = "conf/privacy.yaml"  # relative to the project root
     profile: str = "default"
+    # Where the release signing key comes from (never conf/ itself, never the lakehouse): lib/privacy/signing.py
+    signing_key_env: str = "MIGRALAKE_SIGNING_KEY"
+    signing_key_file: str | None = None
+    signing_demo_generate: bool = False  # only the demo profile may generate a throwaway key
 
     def resolved_policy_path(self) -> Path:
         p = Path(self.policy_path)

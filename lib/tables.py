@@ -252,6 +252,66 @@ class Lakehouse:
         parts += [f"{_quote(k)} = {_sql_literal(v)}" for k, v in sorted(scope.items())]
         return " AND ".join(parts)
 
+    def where_predicate(self, name: str, where: Mapping[str, Any | Sequence[Any]]) -> str:
+        """``col = value`` / ``col IN (values)`` joined by AND, every value escaped as a SQL literal."""
+        columns = set(spec(name).schema.fieldNames())
+        parts = []
+        for col, value in sorted(where.items()):
+            if col not in columns:
+                raise TableError(f"table {name}: no column '{col}' to select rows by")
+            if isinstance(value, list | tuple | set | frozenset):
+                if not value:
+                    return "false"
+                parts.append(f"{_quote(col)} IN ({', '.join(_sql_literal(v) for v in sorted(value))})")
+            else:
+                parts.append(f"{_quote(col)} = {_sql_literal(value)}")
+        if not parts:
+            raise TableError(f"table {name}: an empty row selection")
+        return " AND ".join(parts)
+
+    def delete(self, name: str, where: Mapping[str, Any | Sequence[Any]]) -> int:
+        """Delete the selected rows (not on append-only tables); returns how many were deleted."""
+        s = spec(name)
+        if s.append_only:
+            raise TableError(f"table {name} is append-only: rows are never deleted")
+        if not self.exists(name):
+            return 0
+        table = DeltaTable.forPath(self.spark, self.location(name))
+        table.delete(self.where_predicate(name, where))
+        last = table.history(1).collect()[0]
+        return int((last["operationMetrics"] or {}).get("numDeletedRows", 0))
+
+    def distinct(self, name: str, column: str) -> set[Any]:
+        """The distinct values of one column (for small domains: release ids, areas)."""
+        if not self.exists(name):
+            return set()
+        return {r[0] for r in self.read(name).select(column).distinct().collect()}
+
+    def set_properties(self, name: str, props: Mapping[str, str]) -> None:
+        items = ", ".join(f"{_sql_literal(k)} = {_sql_literal(v)}" for k, v in sorted(props.items()))
+        self.spark.sql(f"ALTER TABLE delta.`{self.location(name)}` SET TBLPROPERTIES ({items})")
+
+    def sync_constraints(self, name: str) -> None:
+        """Make the table's CHECK constraints those of its spec (a registered rule may have changed).
+
+        A changed rule is swapped only when every row already there satisfies it; otherwise the old
+        rule stays and the error names the table and the rule.
+        """
+        s = spec(name)
+        self.ensure(name)
+        props = self.properties(name)
+        loc = self.location(name)
+        for cname, expr in s.constraints.items():
+            current = props.get(f"delta.constraints.{cname.lower()}")
+            if current is None or current.replace(" ", "") == expr.replace(" ", ""):
+                continue
+            self.spark.sql(f"ALTER TABLE delta.`{loc}` DROP CONSTRAINT {cname}")
+            try:
+                self.spark.sql(f"ALTER TABLE delta.`{loc}` ADD CONSTRAINT {cname} CHECK ({expr})")
+            except Exception as exc:  # noqa: BLE001 - existing rows violate the new rule
+                self.spark.sql(f"ALTER TABLE delta.`{loc}` ADD CONSTRAINT {cname} CHECK ({current})")
+                raise TableError(f"{name}: rows already there violate the new rule '{expr}': {exc}") from None
+
     def write(
         self,
         df: DataFrame,
@@ -260,13 +320,15 @@ class Lakehouse:
         period: tuple[date, date] | None = None,
         scope: Mapping[str, Any] | None = None,
         replace_where: str | None = None,
+        where: Mapping[str, Any | Sequence[Any]] | None = None,
         mode: Literal["overwrite", "append"] = "overwrite",
     ) -> WriteResult:
         """Write ``df`` to a registered table.
 
         - ``period=(start, end)`` (inclusive) replaces exactly that period (plus ``scope``
           values, e.g. ``{"spatial_unit": "admin2"}``): the idempotent re-run.
-        - ``replace_where`` gives the predicate directly.
+        - ``replace_where`` gives the predicate directly; ``where={column: value or [values]}``
+          builds it with every value escaped (replace the rows of one release, one area, ...).
         - neither: ``mode="overwrite"`` replaces the whole table; ``mode="append"`` appends
           (the only mode allowed on append-only tables).
 
@@ -275,6 +337,10 @@ class Lakehouse:
         """
         s = spec(name)
         self._check_schema(df, name)
+        if where is not None:
+            if replace_where is not None or period is not None:
+                raise TableError(f"write to {name}: give one of period, replace_where or where")
+            replace_where = self.where_predicate(name, where)
         if period is not None:
             if replace_where is not None:
                 raise TableError(f"write to {name}: give period or replace_where, not both")

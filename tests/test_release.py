@@ -12,6 +12,7 @@ import pytest
 from pyspark.sql import SparkSession
 
 from jobs import audit, release
+from lib import publish
 from lib.config import CONF_DIR, load_config
 from lib.tables import Lakehouse, spec
 
@@ -83,7 +84,8 @@ def test_release_exports_guarded_rows_files_and_an_audit_record(spark: SparkSess
     assert out["counts"]["withheld_primary"] == 1 and out["counts"]["slices"] == 2  # day 2: A->B = 17
     folder = Path(out["path"])
     assert sorted(p.name for p in folder.iterdir()) == [
-        "cells.csv", "cells.parquet", "manifest.json", "margins.csv", "margins.parquet", "quicklook.png"]
+        "cells.csv", "cells.parquet", "manifest.json", "manifest.sig", "margins.csv", "margins.parquet",
+        "quicklook.png", "signing_key.pub"]
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["policy"]["rules"]["suppress_at_or_below"] == 15
     assert manifest["source"]["table"] == "gold.cdr_od_daily" and manifest["source"]["version"] == lake.version("gold.cdr_od_daily")
@@ -105,10 +107,10 @@ def test_same_inputs_and_policy_give_the_same_release(spark: SparkSession, relea
     assert strict["release_id"] != out["release_id"] and strict["counts"]["withheld_primary"] == 2  # 17 <= 20
 
 
-def test_direct_write_below_threshold_into_an_export_table_is_rejected(spark: SparkSession, released) -> None:  # type: ignore[no-untyped-def]
+def test_direct_write_at_the_floor_into_an_export_table_is_rejected(spark: SparkSession, released) -> None:  # type: ignore[no-untyped-def]
     cfg, lake, out, tmp = released
     before = lake.version("exports.cdr_od")
-    bad = spark.createDataFrame([("forged", DAY1, "admin2", "A", "B", 12, "released")],
+    bad = spark.createDataFrame([("forged", DAY1, "admin2", "A", "B", 10, "released")],  # the platform floor
                                 schema=spec("exports.cdr_od").schema)
     with pytest.raises(Exception, match="(?i)constraint|CHECK"):
         lake.write(bad, "exports.cdr_od", mode="append")
@@ -140,7 +142,7 @@ def test_tampering_with_a_published_file_fails_verify(spark: SparkSession, relea
         cells.to_parquet(folder / "cells.parquet", index=False)
         cells.to_csv(folder / "cells.csv", index=False)
         m = json.loads((folder / "manifest.json").read_text())
-        m["files"] = {n: release.sha256_file(folder / n) for n in m["files"]}
+        m["files"] = {n: publish.sha256_file(folder / n) for n in m["files"]}
         (folder / "manifest.json").write_text(json.dumps(m))
         assert verify(spark, cfg, rid) == 1
         text = capsys.readouterr().out

@@ -232,16 +232,17 @@ def cdr_demo(spark: SparkSession, cfg: Config, input_dir: Path) -> list[str]:
 def releases(spark: SparkSession, cfg: Config, lake: Lakehouse, types: tuple[str, ...]) -> list[str]:
     """Release outputs through the guard, verify each from its files, write reviewer reports."""
     from jobs import audit, release
+    from lib.privacy import signing
 
     out = ["  releases (guarded; ./spark-submit.sh audit list):"]
-    reports = Path(cfg.lakehouse.reports_dir)
-    reports = reports if reports.is_absolute() else PROJECT_ROOT / reports
+    reports = cfg.lakehouse.resolved_local_dir("reports_dir")
     reports.mkdir(parents=True, exist_ok=True)
     for rtype in types:
         with stage(f"demo.release {rtype}"):
             r = release.release(spark, cfg, rtype, requester="demo")
             row = audit.audit_row(lake, r["release_id"])
-            results = audit.verify_files(Path(r["path"]), json.loads(row["files_json"]) if row else None)
+            trusted, _ = signing.trusted_public_key(cfg.privacy)
+            results = audit.verify_release(lake, Path(r["path"]), r["release_id"], None, trusted)
             ok = all(passed for _, passed, _ in results) and row is not None
             page = reports / f"{r['release_id']}.html"
             page.write_text(audit.report_html(r["release_id"], Path(r["path"]), row, results), encoding="utf-8")

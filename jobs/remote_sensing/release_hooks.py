@@ -6,6 +6,8 @@ nothing finer than the policy's ``min_h3_resolution_sensitive`` is published: ev
 cell whose parent at that resolution has any child cell centre inside a zone is
 merged into that parent (counts and km2 summed, percentages recomputed), so a parent
 and its children are never published side by side.
+
+Registered under the owner name ``remote_sensing`` when this module is imported (jobs/release.py does).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from lib.config import PROJECT_ROOT, Config
+from lib.privacy.hooks import ReleaseHooks, register
 from lib.privacy.policy import ReleaseType
 
 INPUTS = ["n_pixels"]  # needed to recompute valid_fraction after merging
@@ -60,3 +63,12 @@ def prepare(cfg: Config, rt: ReleaseType, frame: pd.DataFrame) -> tuple[pd.DataF
     agg = agg[[c for c in frame.columns if c in agg.columns]]
     agg = agg.drop(columns=[c for c in INPUTS if c not in rt.measures])
     return agg, {"cells_coarsened_sensitive": n_fine, "sensitive_parents": int(agg["h3_index"].isin(parents).sum())}
+
+
+def _draw(release_type: str, rt: ReleaseType, cells: pd.DataFrame, path: Path) -> str:
+    from jobs.remote_sensing import quicklook
+
+    return quicklook.draw(release_type, rt, cells, path)
+
+
+HOOKS = register("remote_sensing", ReleaseHooks(inputs=tuple(INPUTS), prepare=prepare, draw=_draw))

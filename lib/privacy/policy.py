@@ -1,11 +1,17 @@
 """The disclosure-control policy (conf/privacy.yaml): loading, validation, approval, hash.
 
+The floor and the list of who may approve a policy are the platform's, not the
+policy's: they come from the operator-owned platform file (``conf/platform.yaml``,
+or the file named by the environment variable ``MIGRALAKE_PLATFORM_POLICY``), which
+no job option or ``--set`` can name. A policy may raise the floor, never lower it.
+
 A policy names, per release type, the source table, the count column of distinct
 contributors, the threshold (``suppress_at_or_below``), the slices and cells of
 the protected tables and the margins published with them, and optional rounding
 and noise. It carries ``approved_by`` / ``approved_on``. :func:`effective`
-refuses a policy without approval or with a threshold below the floor unless an
-override with a written reason is given; the caller records the override.
+refuses a policy without approval by a platform approver, or with a threshold
+below the floor, unless an override with a written reason is given; the caller
+records the override.
 
 Reads no tables.
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from datetime import date
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +28,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lib.config import PROJECT_ROOT
 from lib.privacy.guard import GUARD_VERSION
+
+PLATFORM_ENV = "MIGRALAKE_PLATFORM_POLICY"
+DEFAULT_PLATFORM = PROJECT_ROOT / "conf" / "platform.yaml"
 
 
 class PolicyError(ValueError):
@@ -75,29 +86,57 @@ class Policy(_Model):
     release_types: dict[str, ReleaseType]
 
 
-def load_policy(path: str | Path) -> Policy:
-    p = Path(path)
+class Platform(_Model):
+    """The operator's rules every policy is held to."""
+
+    floor: int = Field(ge=0)  # no threshold below this without a recorded override
+    approvers: list[str] = Field(min_length=1)  # who may approve a policy (its approved_by)
+    source: str = ""  # the file it was read from and its SHA-256 (set by load_platform)
+
+
+def _read_model(p: Path, what: str, model: type[_Model]) -> Any:
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text)
     except OSError as exc:
-        raise PolicyError(f"{p}: cannot read the privacy policy ({exc})") from None
+        raise PolicyError(f"{p}: cannot read the {what} ({exc})") from None
     except yaml.YAMLError as exc:
         raise PolicyError(f"{p}: not valid YAML: {exc}") from None
     try:
-        return Policy.model_validate(raw or {})
+        return model.model_validate(raw or {}), text
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(x) for x in err["loc"])
         raise PolicyError(f"{p}: {key}: {err['msg']}") from None
 
 
+def load_policy(path: str | Path) -> Policy:
+    policy, _ = _read_model(Path(path), "privacy policy", Policy)
+    return policy  # type: ignore[no-any-return]
+
+
+def load_platform(env: dict[str, str] | None = None) -> Platform:
+    """The operator's platform rules: ``$MIGRALAKE_PLATFORM_POLICY`` or conf/platform.yaml."""
+    env = dict(os.environ) if env is None else env
+    path = Path(env.get(PLATFORM_ENV) or DEFAULT_PLATFORM)
+    platform, text = _read_model(path, f"platform rules (set by the operator; {PLATFORM_ENV})", Platform)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return platform.model_copy(update={"source": f"{path} sha256:{digest[:16]}"})  # type: ignore[no-any-return]
+
+
+def floor_of(policy: Policy, platform: Platform) -> int:
+    """The floor in force: the platform's, or the policy's when it is higher."""
+    return max(platform.floor, policy.floor)
+
+
 def effective(policy: Policy, release_type: str, profile: str = "default",
-              override_reason: str | None = None) -> tuple[ReleaseType, list[str]]:
+              override_reason: str | None = None, platform: Platform | None = None) -> tuple[ReleaseType, list[str]]:
     """The release type's rules under a profile, and the policy problems overridden (if any).
 
-    Raises PolicyError for an unknown type or profile, and for missing approval or a
-    threshold below the floor unless ``override_reason`` is given.
+    Raises PolicyError for an unknown type or profile, and for missing approval, an approver the
+    platform does not list, or a threshold below the floor, unless ``override_reason`` is given.
     """
+    platform = platform or load_platform()
     if release_type not in policy.release_types:
         raise PolicyError(f"unknown release type '{release_type}' (policy has {sorted(policy.release_types)})")
     if profile not in policy.profiles:
@@ -111,10 +150,14 @@ def effective(policy: Policy, release_type: str, profile: str = "default",
     problems = []
     if not (policy.approved_by and policy.approved_by.strip()) or policy.approved_on is None:
         problems.append("the policy has no approval (approved_by and approved_on)")
-    if rt.suppress_at_or_below < policy.floor:
+    elif policy.approved_by.strip() not in {a.strip() for a in platform.approvers}:
+        problems.append(f"the policy is approved by '{policy.approved_by}', who is not an approver of the "
+                        f"platform ({platform.source})")
+    floor = floor_of(policy, platform)
+    if rt.suppress_at_or_below < floor:
         problems.append(
             f"release_types.{release_type}.suppress_at_or_below = {rt.suppress_at_or_below} is below the floor "
-            f"{policy.floor}"
+            f"{floor} (platform {platform.floor}, policy {policy.floor})"
         )
     if problems and not (override_reason and override_reason.strip()):
         raise PolicyError("; ".join(problems) + ". Refused: fix the policy, or give --override-reason with a "
@@ -122,12 +165,14 @@ def effective(policy: Policy, release_type: str, profile: str = "default",
     return rt, problems
 
 
-def snapshot(policy: Policy, release_type: str, rt: ReleaseType, profile: str) -> dict[str, Any]:
+def snapshot(policy: Policy, release_type: str, rt: ReleaseType, profile: str,
+             platform: Platform) -> dict[str, Any]:
     """What a release records of the policy: approval, floor, profile and the effective rules."""
     return {
         "approved_by": policy.approved_by,
         "approved_on": policy.approved_on.isoformat() if policy.approved_on else None,
-        "floor": policy.floor,
+        "floor": floor_of(policy, platform),
+        "platform_floor": platform.floor,
         "profile": profile,
         "release_type": release_type,
         "rules": rt.model_dump(mode="json"),
