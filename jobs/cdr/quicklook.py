@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from lib.privacy.policy import ReleaseType  # noqa: E402
+from lib.publish import plot_text  # noqa: E402
 
 MAX_UNITS = 60  # units shown in a matrix plot
 
@@ -24,7 +25,7 @@ def draw(release_type: str, rt: ReleaseType, cells: pd.DataFrame, path: Path) ->
         top = released.groupby("unit")[n].sum().nlargest(8).index
         for unit in top:
             s = released[released["unit"] == unit].sort_values("date")
-            ax.plot(pd.to_datetime(s["date"]), s[n], label=unit)
+            ax.plot(pd.to_datetime(s["date"]), s[n], label=plot_text(unit))
         ax.set_ylabel("subscribers present (released cells)")
         ax.legend(fontsize=7, ncol=2)
         caption = "Daily presence in the 8 largest units (withheld days are gaps)"
@@ -49,15 +50,15 @@ def draw(release_type: str, rt: ReleaseType, cells: pd.DataFrame, path: Path) ->
         im = ax.imshow(shown, cmap="viridis")
         wy, wx = np.where(grid < 0)
         ax.scatter(wx, wy, marker="x", color="red", s=12, label="withheld")
-        ax.set_xticks(range(len(units)), units, rotation=90, fontsize=6)
-        ax.set_yticks(range(len(units)), units, fontsize=6)
+        ax.set_xticks(range(len(units)), [plot_text(u) for u in units], rotation=90, fontsize=6)
+        ax.set_yticks(range(len(units)), [plot_text(u) for u in units], fontsize=6)
         ax.set_xlabel("destination")
         ax.set_ylabel("origin")
         fig.colorbar(im, ax=ax, label=n)
         ax.legend(fontsize=7, loc="upper right")
         caption = (f"{release_type} matrix for {dict(zip(rt.slice_by, map(str, last_key), strict=True))}"
                    f"{shown_note} (x = withheld)")
-    ax.set_title(caption, fontsize=9)
+    ax.set_title(plot_text(caption), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -13,6 +13,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from lib.privacy.policy import ReleaseType  # noqa: E402
+from lib.publish import plot_text  # noqa: E402
 
 COLOURS = ["#000000", "#e6e6e6", "#787878", "#dc1e1e", "#1e5adc"]
 LABELS = ["invalid", "not built", "stable built-up", "new built-up", "lost built-up"]
@@ -32,7 +33,7 @@ def change_map(cog: Path, png: Path, title: str, max_pixels: int = 900) -> None:
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLOURS[1:]]
     ax.legend(handles, LABELS[1:], loc="lower right", fontsize=8)
     counts = np.bincount(data.ravel(), minlength=5)
-    ax.set_title(f"Settlement change {title}\nnew {counts[3]:,} / lost {counts[4]:,} px at this scale", fontsize=9)
+    ax.set_title(plot_text(f"Settlement change {title}\nnew {counts[3]:,} / lost {counts[4]:,} px at this scale"), fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
     if km:
@@ -67,7 +68,7 @@ def draw(release_type: str, rt: ReleaseType, cells: pd.DataFrame, path: Path) ->
     fig.colorbar(sm, ax=ax, label=measure)
     ax.set_aspect("equal")
     caption = f"{release_type}: {measure} per H3 cell ({len(shown)} released, {len(cells) - len(shown)} withheld, hatched)"
-    ax.set_title(caption, fontsize=9)
+    ax.set_title(plot_text(caption), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from lib.privacy.policy import ReleaseType  # noqa: E402
+from lib.publish import plot_text  # noqa: E402
 
 
 def draw(release_type: str, rt: ReleaseType, cells: pd.DataFrame, path: Path) -> str:
@@ -33,7 +34,7 @@ def draw(release_type: str, rt: ReleaseType, cells: pd.DataFrame, path: Path) ->
         released = part["status"] == "released"
         y = pd.to_numeric(part["mean_score"], errors="coerce").where(released)
         style = {"color": "black", "linewidth": 2.5} if region == "national" else {"linewidth": 1.5}
-        line, = ax.plot(part["period_start"], y, marker="o", label=region, **style)
+        line, = ax.plot(part["period_start"], y, marker="o", label=plot_text(region), **style)
         withheld = part[~released]
         if len(withheld):
             ax.plot(withheld["period_start"], [ax.get_ylim()[0]] * len(withheld), "x", color=line.get_color())
@@ -46,7 +47,7 @@ def draw(release_type: str, rt: ReleaseType, cells: pd.DataFrame, path: Path) ->
     n_rel = int((df["status"] == "released").sum())
     caption = (f"{release_type}: migration sentiment per {period} and region, all languages "
                f"({n_rel} released, {len(df) - n_rel} withheld: x)")
-    ax.set_title(caption, fontsize=9)
+    ax.set_title(plot_text(caption), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
