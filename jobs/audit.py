@@ -101,20 +101,24 @@ tr.ok td:nth-child(2){{color:#060;font-weight:bold}}tr.bad td:nth-child(2){{colo
 </body></html>"""
 
 
+def list_releases(lake: Lakehouse) -> int:
+    if not lake.exists(audit.RELEASES.name):
+        print("no releases yet")
+        return 0
+    rows = lake.read(audit.RELEASES.name).orderBy("seq", "created_at").collect()
+    print(f"{'release id':<48} {'created (UTC)':<20} {'requester':<12} {'withheld':>8} {'cells':>7}  override")
+    for r in rows:
+        t = json.loads(r["counts_json"])["totals"]
+        w = sum(t.get(k, 0) for k in slices.WITHHELD_REASONS)
+        print(f"{r['release_id']:<48} {str(r['created_at']):<20} {r['requester']:<12} {w:>8} "
+              f"{t.get('cells_in', 0):>7}  {'yes' if r['overridden'] else ''}")
+    return 0
+
+
 def run(spark: SparkSession, cfg: Config, args: argparse.Namespace) -> int:
     lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
     if args.action == "list":
-        if not lake.exists(audit.RELEASES.name):
-            print("no releases yet")
-            return 0
-        rows = lake.read(audit.RELEASES.name).orderBy("seq", "created_at").collect()
-        print(f"{'release id':<48} {'created (UTC)':<20} {'requester':<12} {'withheld':>8} {'cells':>7}  override")
-        for r in rows:
-            t = json.loads(r["counts_json"])["totals"]
-            w = sum(t.get(k, 0) for k in slices.WITHHELD_REASONS)
-            print(f"{r['release_id']:<48} {str(r['created_at']):<20} {r['requester']:<12} {w:>8} "
-                  f"{t.get('cells_in', 0):>7}  {'yes' if r['overridden'] else ''}")
-        return 0
+        return list_releases(lake)
     if not args.release_id:
         print(f"migralake: audit {args.action} needs a release id (see: audit list)")
         return 2

@@ -25,14 +25,35 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # The checkout the job runs from (spark-submit.sh exports it; lib/ may be imported from a zip).
 PROJECT_ROOT = Path(os.environ.get("MIGRALAKE_HOME") or Path(__file__).resolve().parent.parent)
 CONF_DIR = PROJECT_ROOT / "conf"
+
+
+def _project_path(value: str) -> str:
+    """A local path relative to the project root made absolute; URIs (``s3://...``) and globs kept as given."""
+    text = value.strip()
+    if not text or "://" in text:
+        return text
+    p = Path(text).expanduser()
+    return str(p if p.is_absolute() else PROJECT_ROOT / p)
+
+
+# A file or folder named in configuration: relative paths are resolved against the project root once, here.
+ProjectPath = Annotated[str, AfterValidator(_project_path)]
 ENV_PREFIX = "MIGRALAKE__"
 
 
@@ -41,7 +62,7 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
 
 
 # --------------------------------------------------------------------------- sections
@@ -110,14 +131,14 @@ class PseudonymSettings(_Section):
     """Where the HMAC key for pseudonymising identifiers comes from (never conf/ itself)."""
 
     key_env: str = "MIGRALAKE_PSEUDONYM_KEY"
-    key_file: str | None = None  # a secrets file outside the repository (e.g. /run/secrets/...)
+    key_file: ProjectPath | None = None  # a secrets file outside the repository (e.g. /run/secrets/...)
     demo_generate: bool = False  # only the demo profile may generate a throwaway key
 
 
 class CdrInput(_Section):
     """One set of event files (glob or folder) of one event type."""
 
-    path: str
+    path: ProjectPath
     event_type: Literal["call", "sms", "mds", "topup"]
     format: Literal["csv", "parquet"] = "csv"
 
@@ -132,7 +153,7 @@ class ScalingSettings(_Section):
 
     weights: dict[str, float] = Field(default_factory=dict)
     population: dict[str, float] = Field(default_factory=dict)
-    population_path: str | None = None
+    population_path: ProjectPath | None = None
 
     def enabled(self) -> bool:
         return bool(self.weights or self.population or self.population_path)
@@ -170,8 +191,8 @@ class CdrSettings(_Section):
     """Call-detail-record pipeline settings (jobs/cdr)."""
 
     inputs: list[CdrInput] = Field(default_factory=list)
-    cells_path: str | None = None
-    admin_paths: dict[str, str] = Field(default_factory=dict)  # level name -> GeoJSON/GPKG path
+    cells_path: ProjectPath | None = None
+    admin_paths: dict[str, ProjectPath] = Field(default_factory=dict)  # level name -> GeoJSON/GPKG path
     column_mapping: dict[str, str] = Field(default_factory=dict)  # our name -> source column name
     timestamp_format: str | None = None  # None: ISO 8601
     spatial_unit: str = "admin2"  # admin1, admin2 or h3_<resolution> (SpatialUnit)
@@ -256,7 +277,7 @@ class SensorProfile(_Section):
 class SceneSpec(_Section):
     """One acquisition: a multi-band GeoTIFF, or a folder with one GeoTIFF per band."""
 
-    path: str
+    path: ProjectPath
     date: date
     sensor: str
     area: str = "default"  # scenes of one area are compared date to date
@@ -266,14 +287,14 @@ class RemoteSensingSettings(_Section):
     """Remote-sensing pipeline settings (jobs/remote_sensing)."""
 
     scenes: list[SceneSpec] = Field(default_factory=list)
-    scene_dir: str | None = None  # or discover *.tif / band folders here (date from the name: YYYYMMDD)
+    scene_dir: ProjectPath | None = None  # or discover *.tif / band folders here (date from the name: YYYYMMDD)
     default_sensor: str = "landsat7_etm"  # sensor of discovered scenes
     sensors: dict[str, SensorProfile] = Field(default_factory=dict)
     window_size: int = Field(1024, ge=16, le=8192)  # pixels per side of one Spark task's window
     h3_resolution: int = Field(8, ge=0, le=15)
-    admin_paths: dict[str, str] = Field(default_factory=dict)  # level name -> GeoJSON/GPKG path
+    admin_paths: dict[str, ProjectPath] = Field(default_factory=dict)  # level name -> GeoJSON/GPKG path
     resampling: Literal["nearest", "bilinear", "cubic", "average"] = "bilinear"
-    sensitive_zones_path: str | None = None  # polygons where H3 layers are coarsened (privacy.yaml)
+    sensitive_zones_path: ProjectPath | None = None  # polygons where H3 layers are coarsened (privacy.yaml)
     rasters_dir: str = "rasters"  # change rasters (COG) and quick-looks, under lakehouse.root
 
     @model_validator(mode="after")
@@ -290,7 +311,7 @@ class RemoteSensingSettings(_Section):
 class SocialInput(_Section):
     """One set of post files: JSON Lines in the X/Twitter API v2 shape, or CSV through a column mapping."""
 
-    path: str  # a file, a folder or a glob
+    path: ProjectPath  # a file, a folder or a glob
     format: Literal["jsonl", "csv"] = "jsonl"
 
 
@@ -299,12 +320,12 @@ class SocialSettings(_Section):
 
     inputs: list[SocialInput] = Field(default_factory=list)
     column_mapping: dict[str, str] = Field(default_factory=dict)  # CSV: our name -> your column name
-    keywords_path: str = "conf/keywords/migration.yaml"  # migration terms per language (relative to project root)
+    keywords_path: ProjectPath = "conf/keywords/migration.yaml"  # migration terms per language
     exclude_retweets: bool = True  # flagged either way; excluded from counts when true
     exclude_duplicates: bool = True
     text_retention_days: int = Field(30, ge=0)  # post text is erased from bronze after this many days (0: at once
     # after scoring); Delta files holding it are vacuumed with the same retention
-    admin_paths: dict[str, str] = Field(default_factory=dict)  # empty: the CDR boundaries
+    admin_paths: dict[str, ProjectPath] = Field(default_factory=dict)  # empty: the CDR boundaries
     spatial_unit: str = "admin1"  # an admin level name or "h3_<resolution>"
     nearest_area_max_km: float = Field(5.0, ge=0)
     language_detector: Literal["py3langid"] = "py3langid"  # offline, model inside the wheel
@@ -322,16 +343,15 @@ class SocialSettings(_Section):
 class PrivacySettings(_Section):
     """Where the disclosure-control policy lives and which of its profiles applies."""
 
-    policy_path: str = "conf/privacy.yaml"  # relative to the project root
+    policy_path: ProjectPath = "conf/privacy.yaml"
     profile: str = "default"
     # Where the release signing key comes from (never conf/ itself, never the lakehouse): lib/privacy/signing.py
     signing_key_env: str = "MIGRALAKE_SIGNING_KEY"
-    signing_key_file: str | None = None
+    signing_key_file: ProjectPath | None = None
     signing_demo_generate: bool = False  # only the demo profile may generate a throwaway key
 
     def resolved_policy_path(self) -> Path:
-        p = Path(self.policy_path)
-        return p if p.is_absolute() else PROJECT_ROOT / p
+        return Path(self.policy_path)
 
 
 Pipeline = Literal["cdr", "remote_sensing", "social"]
@@ -349,10 +369,10 @@ class DemoSettings(_Section):
     event_day: int = Field(14, ge=1)  # day index of the planted displacement
     displaced_share: float = Field(0.3, ge=0, le=1)
     bad_row_share: float = Field(0.01, ge=0, le=0.5)
-    input_dir: str = "build/demo-inputs"  # raw synthetic inputs live outside the lakehouse
+    input_dir: ProjectPath = "build/demo-inputs"  # raw synthetic inputs live outside the lakehouse
     pipelines: list[Pipeline] = Field(
         default_factory=lambda: list(ALL_PIPELINES))  # which pipelines the demo runs
-    raster_scene: str | None = "../shared/data/rasters/L7_ETMs.tif"  # first date when present
+    raster_scene: ProjectPath | None = "../shared/data/rasters/L7_ETMs.tif"  # first date when present
     raster_synthetic_size: int = Field(600, ge=64, le=100_000)  # px per side without the real scene
     n_authors: int = Field(3000, ge=10)  # synthetic social-media authors
     posts_per_author: float = Field(4.0, gt=0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -73,3 +73,31 @@ RUN = RunLog()
 def stage(name: str, rows_in: int | None = None):  # type: ignore[no-untyped-def]
     """``with stage("cdr.ingest", rows_in=n) as st: ...; st.rows_out = m`` logs one line."""
     return RUN.stage(name, rows_in)
+
+
+@dataclass(frozen=True)
+class Write:
+    """One of several independent writes: a stage name, the work (returns rows written), rows in."""
+
+    stage: str
+    work: Callable[[], int | None]
+    rows_in: int | None = None
+
+
+def side_by_side(writes: Sequence[Write], max_workers: int) -> dict[str, int | None]:
+    """Run independent writes in threads, as concurrent Spark jobs, each logged as its own stage, so the cores
+    are not idle during one table's commit; waits for all and re-raises the first failure. Returns the rows
+    each wrote, by stage name."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(w: Write) -> int | None:
+        with stage(w.stage, w.rows_in) as st:
+            st.rows_out = w.work()
+            return st.rows_out
+
+    if not writes:
+        return {}
+    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(writes))),
+                            thread_name_prefix="migralake-write") as pool:
+        futures = [(w.stage, pool.submit(one, w)) for w in writes]
+        return {name: f.result() for name, f in futures}

@@ -16,19 +16,22 @@ table as it was (Delta commits are atomic).
 from __future__ import annotations
 
 import difflib
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Literal
 
 from delta.tables import DeltaTable
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from lib.runtime import log
 
 LAYERS = ("bronze", "silver", "gold", "quarantine", "exports", "audit")
+Scope = Mapping[str, Any]  # {column: value, or a list of values}
+Where = Scope | Sequence[Scope]  # one scope, or any of several
 
 
 class TableError(ValueError):
@@ -132,6 +135,27 @@ def _sql_literal(value: Any) -> str:
 
 def _quote(col: str) -> str:
     return "`" + col.replace("`", "``") + "`"
+
+
+class StagingArea:
+    """Context manager of :meth:`Lakehouse.staging`: yields the folder's location."""
+
+    def __init__(self, lake: Lakehouse, job: str) -> None:
+        self.lake, self.job = lake, job
+        self.location = f"{lake.root}/_staging/{job}-{uuid.uuid4().hex}"
+
+    def __enter__(self) -> str:
+        fs, base = self.lake._hadoop_path(f"{self.lake.root}/_staging")  # noqa: SLF001
+        if fs.exists(base):
+            for status in fs.listStatus(base):
+                name = status.getPath().getName()
+                if name.startswith(f"{self.job}-"):
+                    log.warning("staging: removing %s, left by a run of %s that did not finish", name, self.job)
+                    fs.delete(status.getPath(), True)
+        return self.location
+
+    def __exit__(self, *exc: object) -> None:
+        self.lake.delete_path(self.location)
 
 
 class Lakehouse:
@@ -252,8 +276,14 @@ class Lakehouse:
         parts += [f"{_quote(k)} = {_sql_literal(v)}" for k, v in sorted(scope.items())]
         return " AND ".join(parts)
 
-    def where_predicate(self, name: str, where: Mapping[str, Any | Sequence[Any]]) -> str:
-        """``col = value`` / ``col IN (values)`` joined by AND, every value escaped as a SQL literal."""
+    def where_predicate(self, name: str, where: Where) -> str:
+        """Rows to select, every value escaped as a SQL literal: ``{col: value or [values]}`` is ``col = value``
+        / ``col IN (values)`` joined by AND; a list of such mappings selects the rows of any of them (OR)."""
+        if not isinstance(where, Mapping):
+            scopes = [f"({self.where_predicate(name, w)})" for w in where]
+            if not scopes:
+                return "false"
+            return " OR ".join(scopes)
         columns = set(spec(name).schema.fieldNames())
         parts = []
         for col, value in sorted(where.items()):
@@ -269,7 +299,7 @@ class Lakehouse:
             raise TableError(f"table {name}: an empty row selection")
         return " AND ".join(parts)
 
-    def delete(self, name: str, where: Mapping[str, Any | Sequence[Any]]) -> int:
+    def delete(self, name: str, where: Where) -> int:
         """Delete the selected rows (not on append-only tables); returns how many were deleted."""
         s = spec(name)
         if s.append_only:
@@ -280,6 +310,39 @@ class Lakehouse:
         table.delete(self.where_predicate(name, where))
         last = table.history(1).collect()[0]
         return int((last["operationMetrics"] or {}).get("numDeletedRows", 0))
+
+    def erase(self, name: str, keys: DataFrame, key: str, columns: Sequence[str],
+              stamp: str | None = None) -> int:
+        """Set ``columns`` to null in the rows whose ``key`` is among ``keys[key]`` (and ``stamp`` to now);
+        returns how many rows were changed. The old values stay in older files until :meth:`vacuum`."""
+        s = spec(name)
+        if s.append_only:
+            raise TableError(f"table {name} is append-only: nothing in it is erased")
+        table = DeltaTable.forPath(self.spark, self.location(name))
+        sets: dict[str, str | Column] = {c: F.lit(None).cast(s.schema[c].dataType) for c in columns}
+        if stamp:
+            sets[stamp] = F.current_timestamp()
+        (table.alias("t").merge(keys.select(key).distinct().alias("k"), f"t.{_quote(key)} = k.{_quote(key)}")
+         .whenMatchedUpdate(set=sets).execute())
+        last = table.history(1).collect()[0]
+        return int((last["operationMetrics"] or {}).get("numTargetRowsUpdated", 0))
+
+    def vacuum(self, name: str, retention_hours: float) -> None:
+        """Remove the files no version newer than ``retention_hours`` needs (shorter than Delta's 7-day safety
+        default when asked: erasing personal data is the point)."""
+        table = DeltaTable.forPath(self.spark, self.location(name))
+        key = "spark.databricks.delta.retentionDurationCheck.enabled"
+        check = self.spark.conf.get(key, "true") or "true"
+        self.spark.conf.set(key, "false")
+        try:
+            table.vacuum(retentionHours=float(retention_hours))
+        finally:
+            self.spark.conf.set(key, check)
+
+    def staging(self, job: str) -> StagingArea:
+        """A scratch folder for one run of ``job`` under the lakehouse (``<root>/_staging/<job>-<id>``), removed
+        when the run ends; folders of the same job left by runs that died are removed when the next starts."""
+        return StagingArea(self, job)
 
     def distinct(self, name: str, column: str) -> set[Any]:
         """The distinct values of one column (for small domains: release ids, areas)."""
@@ -320,7 +383,7 @@ class Lakehouse:
         period: tuple[date, date] | None = None,
         scope: Mapping[str, Any] | None = None,
         replace_where: str | None = None,
-        where: Mapping[str, Any | Sequence[Any]] | None = None,
+        where: Where | None = None,
         mode: Literal["overwrite", "append"] = "overwrite",
     ) -> WriteResult:
         """Write ``df`` to a registered table.
@@ -496,11 +559,13 @@ CDR_QUARANTINE = _reg(
         ("source_file", S, False),
         ("reason", S, False),
         ("detail", S, True),
-        ("raw_time", S, True),
+        ("event_time", TS, True),
         ("subscriber_id", S, True),
         ("cell_id", S, True),
     ),
-    description="CDR rows that could not be used, with the reason; identifiers pseudonymised or absent.",
+    description="CDR rows that could not be used, with the reason; no raw field (a file whose header lies "
+                "could put a phone number in any column): the parsed time, the subscriber's pseudonym, and the "
+                "cell id only when the cells table knows it.",
     source="cdr",
     owner_job="cdr.ingest",
     partition_by=("period_start",),
@@ -508,6 +573,7 @@ CDR_QUARANTINE = _reg(
     constraints={
         "subscriber_is_pseudonym": "subscriber_id IS NULL OR subscriber_id RLIKE '^[0-9a-f]{64}$'",
     },
+    properties={"delta.dataSkippingStatsColumns": "reason,event_time"},
 )
 
 CDR_CELLS = _reg(

@@ -10,7 +10,7 @@ import pytest
 
 from lib.config import CONF_DIR
 from lib.privacy import guard
-from lib.privacy.policy import PolicyError, effective, load_policy, policy_hash, snapshot
+from lib.privacy.policy import PolicyError, effective, load_platform, load_policy, policy_hash, snapshot
 
 OD = [("A", "A", 100), ("A", "B", 12), ("A", "C", 40), ("B", "A", 30), ("B", "B", 200), ("B", "C", 50),
       ("C", "A", 60), ("C", "B", 70), ("C", "C", 300)]
@@ -136,4 +136,6 @@ def test_policy_without_approval_or_below_floor_is_refused_unless_overridden(tmp
     full = load_policy(CONF_DIR / "privacy.yaml")
     rt1, _ = effective(full, "cdr_od")
     rt2, _ = effective(full, "cdr_od", "strict")
-    assert policy_hash(snapshot(full, "cdr_od", rt1, "default")) != policy_hash(snapshot(full, "cdr_od", rt2, "strict"))
+    plat = load_platform()
+    assert policy_hash(snapshot(full, "cdr_od", rt1, "default", plat)) != policy_hash(
+        snapshot(full, "cdr_od", rt2, "strict", plat))

@@ -66,8 +66,9 @@ def base(spark: SparkSession, tmp_path_factory) -> tuple[Path, dict[str, Any]]: 
 # ----------------------------------------------------------------------------- crashes
 
 
-@pytest.mark.parametrize("crash_after", [("write", "exports.cdr_od"), ("set_properties", "exports.cdr_od_margins"),
-                                         ("write", "audit.releases")])
+@pytest.mark.parametrize("crash_after", [("write", "exports.cdr_od"), ("set_properties", "exports.cdr_od"),
+                                         ("write", "exports.cdr_od_margins"),
+                                         ("set_properties", "exports.cdr_od_margins"), ("write", "audit.releases")])
 def test_a_release_killed_after_a_commit_is_completed_or_cleaned_up_by_the_next_run(
         spark: SparkSession, base, tmp_path: Path, monkeypatch, crash_after) -> None:  # type: ignore[no-untyped-def]
     root, first = base
@@ -284,3 +285,35 @@ def test_formula_looking_names_are_inert_in_csv_and_a_dollar_name_still_draws(
     assert (folder / "quicklook.png").stat().st_size > 1000
     assert not failed(verify_release(lake, folder, out["release_id"], None, trusted()))
     assert publish.plot_text("R$^$") == r"R\$^\$" and date(2024, 3, 4) == DAY1
+
+
+# ----------------------------------------------------------------------------- release ids
+
+
+def test_release_ids_are_no_oracle_for_withheld_values(spark: SparkSession, base, tmp_path: Path,
+                                                       monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Two lakehouses whose inputs differ only in the withheld A->B (12 or 13): nothing an outsider sees
+    depends on the inputs, and the keyed MAC that recognises re-runs cannot be recomputed without the key."""
+    root, first = base
+    macs, ids = {}, {}
+    for value in (12, 13):
+        cfg = config(tmp_path / str(value), period=(DAY1, DAY1))
+        lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
+        gold_od(spark, lake)
+        if value == 13:
+            rows = lake.read("gold.cdr_od_daily").toPandas()
+            rows.loc[(rows["origin"] == "A") & (rows["destination"] == "B"), "n_subscribers"] = 13
+            lake.write(spark.createDataFrame(rows, schema=spec("gold.cdr_od_daily").schema), "gold.cdr_od_daily",
+                       period=(DAY1, DAY2), scope={"spatial_unit": "admin2"})
+        out = rel.release(spark, cfg, "cdr_od", requester="tester")
+        row = audit.find(lake, release_id=out["release_id"])
+        assert row is not None
+        macs[value], ids[value] = row["content_mac"], out["release_id"]
+        if value == 12:  # the same inputs publish the same values, under another id
+            assert all(publish.sha256_file(Path(out["path"]) / n) == publish.sha256_file(Path(first["path"]) / n)
+                       for n in ("cells.csv", "margins.csv"))
+    assert macs[12] == audit.find(Lakehouse(spark, config(root).lakehouse.resolved_root()),
+                                  release_id=first["release_id"])["content_mac"]  # same inputs: recognised
+    assert macs[12] != macs[13]
+    # The ids: type, date, nonce. The same inputs in another lakehouse get another id.
+    assert ids[12] != first["release_id"] and ids[12].rsplit("-", 1)[0] == first["release_id"].rsplit("-", 1)[0]

@@ -13,15 +13,15 @@ files (IMSI, IMEI, ...) are never read.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
 
 import pandas as pd
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
+from jobs.cdr.cells import join_valid_cells, require_period
 from lib import geo
 from lib.config import CdrInput, CdrSettings, Config, ConfigError
 from lib.privacy.pseudonym import load_key, with_pseudonyms
@@ -36,13 +36,19 @@ REQUIRED = ("start_time", "msisdn", "location_id")
 OPTIONAL = ("msisdn_counterpart", "outgoing", "duration")
 MSISDN_PATTERN = r"^[0-9]{6,15}$"
 REASONS = (
+    "malformed_row",
     "unparseable_time",
     "null_subscriber",
     "malformed_subscriber",
     "outside_period",
     "unknown_cell",
+    "bad_outgoing",
+    "bad_duration",
     "duplicate",
 )
+TRUE_WORDS = ("1", "true", "t", "yes", "y")
+FALSE_WORDS = ("0", "false", "f", "no", "n")
+CORRUPT = "_corrupt_record"
 
 
 class InputError(ValueError):
@@ -52,13 +58,25 @@ class InputError(ValueError):
 # ----------------------------------------------------------------------------- extract
 
 
+def read_csv(spark: SparkSession, path: str) -> DataFrame:
+    """CSV event files as RFC 4180 text: every column a string, ``""`` an escaped quote, quoted newlines kept
+    inside their field, and a row whose fields do not match the header marked in ``_corrupt_record`` (never
+    stored: it holds the raw line) instead of shifting columns or failing the job."""
+    header = spark.read.option("header", True).option("multiLine", True).option("escape", '"').csv(path).columns
+    if CORRUPT in header:
+        raise InputError(f"{path}: a column is named {CORRUPT}, which the reader needs for itself")
+    schema = T.StructType([T.StructField(c, T.StringType(), True) for c in header]
+                          + [T.StructField(CORRUPT, T.StringType(), True)])
+    return (spark.read.schema(schema).option("header", True).option("multiLine", True).option("escape", '"')
+            .option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", CORRUPT).csv(path))
+
+
 def read_events(spark: SparkSession, source: CdrInput, mapping: dict[str, str]) -> DataFrame:
     """Raw rows of one input as strings, renamed to our column names, with source_file."""
     try:
-        if source.format == "csv":
-            raw = spark.read.option("header", True).option("mode", "PERMISSIVE").csv(source.path)
-        else:
-            raw = spark.read.parquet(source.path)
+        raw = read_csv(spark, source.path) if source.format == "csv" else spark.read.parquet(source.path)
+    except InputError:
+        raise
     except Exception as exc:  # noqa: BLE001 - AnalysisException for missing paths and more
         raise InputError(f"{source.path}: cannot read {source.format} event files: {exc}") from None
     cols = {}
@@ -73,10 +91,12 @@ def read_events(spark: SparkSession, source: CdrInput, mapping: dict[str, str]) 
             )
         else:
             cols[ours] = F.lit(None).cast("string")
+    malformed = F.col(CORRUPT).isNotNull() if CORRUPT in raw.columns else F.lit(False)
     return raw.select(
         *[c.alias(n) for n, c in cols.items()],
         F.lit(source.event_type).alias("event_type"),
         F.input_file_name().alias("source_file"),
+        malformed.alias("_malformed"),
     )
 
 
@@ -138,25 +158,6 @@ def place_cells(cells: pd.DataFrame, cdr: CdrSettings, source_file: str) -> tupl
     return usable, quarantined
 
 
-def join_valid_cells(
-    events: DataFrame, cells: DataFrame, how: str, columns: Mapping[str, str] | None = None
-) -> DataFrame:
-    """Events joined to the row of their cell that is valid on the event date.
-
-    Cells can move or be re-numbered: a row applies from ``valid_from`` to ``valid_to``
-    (both inclusive, null = open). The cells table is small and broadcast. The result
-    has ``_cell`` (null when no row applies, for ``how="left"``) plus ``columns`` of
-    the cells table renamed as given.
-    """
-    extra = [F.col(k).alias(v) for k, v in (columns or {}).items()]
-    c = cells.select(
-        F.col("cell_id").alias("_cell"), F.col("valid_from").alias("_from"), F.col("valid_to").alias("_to"), *extra
-    )
-    cond = (F.col("cell_id") == F.col("_cell")) & (F.col("_from").isNull() | (F.col("event_date") >= F.col("_from"))) \
-        & (F.col("_to").isNull() | (F.col("event_date") <= F.col("_to")))
-    return events.join(F.broadcast(c), on=cond, how=how).drop("_from", "_to")
-
-
 def parse_time(col: Column, fmt: str | None) -> Column:
     return F.try_to_timestamp(col, F.lit(fmt)) if fmt else F.try_to_timestamp(col)
 
@@ -176,29 +177,42 @@ def classify_events(
     """
     msisdn = F.regexp_replace(F.trim(F.col("msisdn")), r"^\+", "")
     counterpart = F.regexp_replace(F.trim(F.col("msisdn_counterpart")), r"^\+", "")
+    out_word = F.lower(F.trim(F.col("outgoing")))
+    duration = F.trim(F.col("duration"))
     parsed = events.select(
-        F.col("start_time").alias("raw_time"),
         parse_time(F.trim(F.col("start_time")), timestamp_format).alias("event_time"),
         msisdn.alias("_msisdn"),
         F.when(counterpart != "", counterpart).alias("_counterpart"),
         F.trim(F.col("location_id")).alias("cell_id"),
         F.col("event_type"),
-        F.lower(F.trim(F.col("outgoing"))).isin("1", "true", "t", "yes", "y").alias("_out"),
-        F.col("outgoing").alias("_raw_out"),
-        F.col("duration").cast("double").alias("duration_s"),
+        F.when(out_word.isin(*TRUE_WORDS), F.lit(True)).when(out_word.isin(*FALSE_WORDS), F.lit(False))
+        .alias("outgoing"),
+        (out_word.isNotNull() & (out_word != "") & ~out_word.isin(*TRUE_WORDS, *FALSE_WORDS)).alias("_bad_out"),
+        F.expr("try_cast(trim(duration) AS double)").alias("duration_s"),
+        (duration.isNotNull() & (duration != "") & F.expr("try_cast(trim(duration) AS double)").isNull())
+        .alias("_bad_duration"),
         F.col("source_file"),
+        F.col("_malformed") if "_malformed" in events.columns else F.lit(False).alias("_malformed"),
     )
-    parsed = parsed.withColumn("outgoing", F.when(F.col("_raw_out").isNotNull(), F.col("_out"))).drop("_out", "_raw_out")
     parsed = parsed.withColumn("event_date", F.to_date("event_time"))
+    known = cells.select(F.col("cell_id").alias("_known")).distinct()
     joined = join_valid_cells(parsed, cells, how="left")
+    joined = joined.join(F.broadcast(known), joined["cell_id"] == known["_known"], "left")
     reason = (
-        F.when(F.col("event_time").isNull(), F.lit("unparseable_time"))
+        F.when(F.col("_malformed"), F.lit("malformed_row"))
+        .when(F.col("event_time").isNull(), F.lit("unparseable_time"))
         .when(F.col("_msisdn").isNull() | (F.col("_msisdn") == ""), F.lit("null_subscriber"))
         .when(~F.col("_msisdn").rlike(MSISDN_PATTERN), F.lit("malformed_subscriber"))
         .when((F.col("event_date") < F.lit(start)) | (F.col("event_date") > F.lit(end)), F.lit("outside_period"))
         .when(F.col("_cell").isNull(), F.lit("unknown_cell"))
+        .when(F.col("_bad_out"), F.lit("bad_outgoing"))
+        .when(F.col("_bad_duration"), F.lit("bad_duration"))
     )
-    tagged = joined.withColumn("reason", reason).drop("_cell")
+    # A quarantined row keeps a cell id only when the cells table knows it: with a header that lies about
+    # the column order, location_id may hold anything, a phone number included.
+    tagged = (joined.withColumn("reason", reason)
+              .withColumn("cell_id", F.when(F.col("reason").isNull() | F.col("_known").isNotNull(), F.col("cell_id")))
+              .drop("_cell", "_known", "_bad_out", "_bad_duration", "_malformed"))
     # Exact duplicates among otherwise valid rows: the first copy is kept.
     dup_key = ["_msisdn", "event_time", "cell_id", "event_type", "_counterpart", "outgoing", "duration_s"]
     w = Window.partitionBy(*dup_key).orderBy("source_file")
@@ -212,7 +226,6 @@ def classify_events(
     )
     return tagged.select(
         "reason",
-        "raw_time",
         "event_time",
         "event_date",
         "subscriber_id",
@@ -233,13 +246,19 @@ def accepted_events(tagged: DataFrame) -> DataFrame:
 
 
 def quarantined_events(tagged: DataFrame, period_start: date) -> DataFrame:
+    # No raw value of the row appears here: the reason, the file, the parsed time and pseudonyms suffice.
     detail = (
-        F.when(F.col("reason") == "unparseable_time", F.lit("start_time is not a timestamp in the expected format"))
+        F.when(F.col("reason") == "malformed_row", F.lit("the row's fields do not match the header (a field too "
+                                                         "many or too few, or broken quoting)"))
+        .when(F.col("reason") == "unparseable_time", F.lit("start_time is not a timestamp in the expected format"))
         .when(F.col("reason") == "outside_period", F.concat(F.lit("event date "), F.col("event_date").cast("string"),
                                                              F.lit(" outside the requested period")))
-        .when(F.col("reason") == "unknown_cell", F.concat(F.lit("no cell '"), F.coalesce(F.col("cell_id"), F.lit("")),
-                                                           F.lit("' valid on that date")))
+        .when(F.col("reason") == "unknown_cell",
+              F.when(F.col("cell_id").isNotNull(), F.lit("the cell is not valid on that date"))
+              .otherwise(F.lit("no cell with that id in the cells table")))
         .when(F.col("reason") == "malformed_subscriber", F.lit("subscriber id is not 6-15 digits (pseudonymised)"))
+        .when(F.col("reason") == "bad_outgoing", F.lit("outgoing is not one of 1/0, true/false, t/f, yes/no, y/n"))
+        .when(F.col("reason") == "bad_duration", F.lit("duration is not a number"))
         .when(F.col("reason") == "duplicate", F.lit("exact copy of an accepted event"))
         .when(F.col("reason") == "null_subscriber", F.lit("subscriber id missing"))
     )
@@ -248,19 +267,13 @@ def quarantined_events(tagged: DataFrame, period_start: date) -> DataFrame:
         "source_file",
         "reason",
         detail.alias("detail"),
-        "raw_time",
+        "event_time",
         "subscriber_id",
         "cell_id",
     )
 
 
 # ----------------------------------------------------------------------------- load
-
-
-def require_period(cfg: Config, job: str) -> tuple[date, date]:
-    if cfg.period.start is None or cfg.period.end is None:
-        raise ConfigError(f"{job} needs a period: --period START:END (or period.start / period.end)")
-    return cfg.period.start, cfg.period.end
 
 
 def ingest_cells(spark: SparkSession, cfg: Config, lake: Lakehouse) -> DataFrame:
@@ -289,47 +302,45 @@ def ingest_cells(spark: SparkSession, cfg: Config, lake: Lakehouse) -> DataFrame
     return lake.read("silver.cdr_cells")
 
 
-def run(spark: SparkSession, cfg: Config) -> None:
-    start, end = require_period(cfg, "cdr.ingest")
+def read_inputs(spark: SparkSession, cfg: Config) -> DataFrame:
+    """Every configured input set as raw text rows with their event type and file."""
     if not cfg.cdr.inputs:
         raise ConfigError("cdr.inputs: no event files configured")
+    parts = [read_events(spark, source, cfg.cdr.column_mapping) for source in cfg.cdr.inputs]
+    raw = parts[0]
+    for part in parts[1:]:
+        raw = raw.unionByName(part)
+    return raw
+
+
+def write_events(lake: Lakehouse, tagged: DataFrame, start: date, end: date) -> tuple[int, int, int]:
+    """Bronze and quarantine from the classified rows; (rows in, accepted, quarantined), conserved."""
+    with stage("cdr.ingest -> bronze.cdr_events") as st:
+        st.rows_in = rows_in = tagged.count()
+        accepted = lake.write(accepted_events(tagged), "bronze.cdr_events", period=(start, end)).rows_written
+        quarantined = lake.write(quarantined_events(tagged, start), "quarantine.cdr_events",
+                                 period=(start, start)).rows_written
+        st.rows_out, st.notes["quarantined"] = accepted, quarantined
+    if accepted + quarantined != rows_in:
+        raise RuntimeError(f"row conservation failed: {rows_in} rows in, {accepted} accepted + {quarantined} "
+                           "quarantined")
+    return rows_in, accepted, quarantined
+
+
+def run(spark: SparkSession, cfg: Config) -> None:
+    start, end = require_period(cfg, "cdr.ingest")
     key = load_key(cfg.pseudonym)
     lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
     cells = ingest_cells(spark, cfg, lake)
-
-    raw = None
-    for source in cfg.cdr.inputs:
-        part = read_events(spark, source, cfg.cdr.column_mapping)
-        raw = part if raw is None else raw.unionByName(part)
-    assert raw is not None
-    # Every row is classified and pseudonymised once, written to a staging folder under the lakehouse
-    # (pseudonyms only), and bronze and quarantine are both written from it; the folder is removed after.
-    # (Cheaper than caching ten million wide rows in Spark's memory, and nothing is computed twice.)
-    staging = f"{lake.root}/_staging/cdr_ingest-{uuid.uuid4().hex}"
-    try:
-        with stage("cdr.ingest -> bronze.cdr_events") as st:
-            classify_events(raw, cells, start, end, key, cfg.cdr.timestamp_format).write.parquet(staging)
-            tagged = spark.read.parquet(staging)
-            rows_in = tagged.count()
-            st.rows_in = rows_in
-            accepted = lake.write(accepted_events(tagged), "bronze.cdr_events", period=(start, end))
-            quarantined = lake.write(quarantined_events(tagged, start), "quarantine.cdr_events",
-                                     period=(start, start))
-            st.rows_out = accepted.rows_written
-            st.notes["quarantined"] = quarantined.rows_written
-    finally:
-        lake.delete_path(staging)
-    if accepted.rows_written + quarantined.rows_written != rows_in:
-        raise RuntimeError(
-            f"row conservation failed: {rows_in} rows in, {accepted.rows_written} accepted + "
-            f"{quarantined.rows_written} quarantined"
-        )
-    by_reason = (
-        lake.read("quarantine.cdr_events").filter(F.col("period_start") == F.lit(start))
-        .groupBy("reason").count().collect()
-    )
-    log.info(
-        "cdr.ingest: %d rows in = %d accepted + %d quarantined (%s)",
-        rows_in, accepted.rows_written, quarantined.rows_written,
-        ", ".join(f"{r['reason']}={r['count']}" for r in sorted(by_reason, key=lambda r: r["reason"])) or "none",
-    )
+    raw = read_inputs(spark, cfg)
+    # Every row is classified and pseudonymised once into a staging folder (pseudonyms only), and bronze and
+    # quarantine are both written from it (cheaper than caching ten million wide rows; nothing is computed
+    # twice); the folder is removed after, or by the next run if this one dies.
+    with lake.staging("cdr_ingest") as staging:
+        classify_events(raw, cells, start, end, key, cfg.cdr.timestamp_format).write.parquet(staging)
+        rows_in, accepted, quarantined = write_events(lake, spark.read.parquet(staging), start, end)
+    by_reason = (lake.read("quarantine.cdr_events").filter(F.col("period_start") == F.lit(start))
+                 .groupBy("reason").count().collect())
+    log.info("cdr.ingest: %d rows in = %d accepted + %d quarantined (%s)", rows_in, accepted, quarantined,
+             ", ".join(f"{r['reason']}={r['count']}" for r in sorted(by_reason, key=lambda r: r["reason"]))
+             or "none")

@@ -19,7 +19,7 @@ optional scaled estimate (``cdr.scaling``), null when scaling is off.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from datetime import date, timedelta
 from typing import Any
 
@@ -27,10 +27,10 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from jobs.cdr.ingest import join_valid_cells, require_period
+from jobs.cdr.cells import join_valid_cells, require_period
 from lib import geo
 from lib.config import CdrSettings, Config, ConfigError, ScalingSettings, SpatialUnit
-from lib.runtime import log, stage
+from lib.runtime import Write, log, side_by_side, stage
 from lib.spark import from_pandas, to_pandas
 from lib.tables import Lakehouse
 
@@ -310,62 +310,58 @@ def with_estimate(df: DataFrame, weights: dict[str, float], unit_col: str, count
 # ----------------------------------------------------------------------------- job
 
 
-def run(spark: SparkSession, cfg: Config) -> None:
-    start, end = require_period(cfg, "cdr.mobility")
-    cdr = cfg.cdr
-    lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
+def active_stats(lake: Lakehouse, cdr: CdrSettings, start: date,
+                 end: date) -> tuple[DataFrame, list[DataFrame]]:
+    """Per subscriber, day and unit event counts (all, daily-rule hours, night hours) of the subscribers the
+    activity filters keep, and the persisted frames behind them (the caller unpersists them)."""
     events = lake.read("bronze.cdr_events").filter(F.col("event_date").between(F.lit(start), F.lit(end)))
-    cells = lake.read("silver.cdr_cells")
-    located = events_with_units(events, cells, cdr.spatial_unit)
-    scope: dict[str, Any] = {"spatial_unit": cdr.spatial_unit}
-    n_days = (end - start).days + 1
-
+    located = events_with_units(events, lake.read("silver.cdr_cells"), cdr.spatial_unit)
     with stage("cdr.activity_filter") as st:
-        # One pass over the events: per subscriber, day and unit, every event and those inside the daily-rule
-        # and night-time hours. The activity filters, daily and night-time locations all derive from it.
+        # One pass over the events: the activity filters, daily and night-time locations all derive from it.
         stats = unit_day_stats(located, {"day": cdr.hours, "night": cdr.home_night_hours}).persist(
-            StorageLevel.MEMORY_AND_DISK
-        )
-        status = activity_status(stats, cdr, n_days).persist(StorageLevel.MEMORY_AND_DISK)
-        counts = {r["excluded"] or "kept": r["n"] for r in status.groupBy("excluded").agg(F.count("*").alias("n")).collect()}
-        st.rows_in = sum(counts.values())
-        st.rows_out = counts.get("kept", 0)
+            StorageLevel.MEMORY_AND_DISK)
+        status = activity_status(stats, cdr, (end - start).days + 1).persist(StorageLevel.MEMORY_AND_DISK)
+        counts = {r["excluded"] or "kept": r["n"]
+                  for r in status.groupBy("excluded").agg(F.count("*").alias("n")).collect()}
+        st.rows_in, st.rows_out = sum(counts.values()), counts.get("kept", 0)
         st.notes.update({k: v for k, v in counts.items() if k != "kept"})
-        active = status.filter(F.col("excluded").isNull()).select("subscriber_id")
-        kept = stats.join(active, on="subscriber_id", how="left_semi")
+    active = status.filter(F.col("excluded").isNull()).select("subscriber_id")
+    return stats.join(active, on="subscriber_id", how="left_semi"), [stats, status]
 
+
+def home_windows(cdr: CdrSettings, start: date, end: date) -> list[tuple[str, date, date]]:
+    b_start, b_end = baseline_window(start, end, cdr.event_date, cdr.baseline_days)
+    windows = [("baseline", b_start, b_end)]
+    if cdr.event_date is not None and start < cdr.event_date <= end:
+        windows += post_event_windows(cdr.event_date, end, cdr.post_event_weeks)
+    return windows
+
+
+def write_silver(lake: Lakehouse, cdr: CdrSettings, kept: DataFrame, start: date, end: date,
+                 windows: list[tuple[str, date, date]]) -> int:
+    """silver.cdr_daily_locations and silver.cdr_home_locations; returns the daily locations written."""
+    scope = {"spatial_unit": cdr.spatial_unit}
     with stage("cdr.daily_locations -> silver") as st:
         daily = daily_from_stats(kept, cdr.daily_location_rule, cdr.spatial_unit, "day")
-        res = lake.write(daily, "silver.cdr_daily_locations", period=(start, end), scope=scope)
-        st.rows_out = res.rows_written
-
+        st.rows_out = n_daily = lake.write(daily, "silver.cdr_daily_locations", period=(start, end),
+                                           scope=scope).rows_written
     with stage("cdr.home_locations -> silver") as st:
         night = daily_from_stats(kept, cdr.daily_location_rule, cdr.spatial_unit, "night")
-        b_start, b_end = baseline_window(start, end, cdr.event_date, cdr.baseline_days)
-        windows = [("baseline", b_start, b_end)]
-        if cdr.event_date is not None and start < cdr.event_date <= end:
-            windows += post_event_windows(cdr.event_date, end, cdr.post_event_weeks)
         homes = home_locations(night, windows, cdr.home_min_days)
-        st.rows_out = lake.write(
-            homes, "silver.cdr_home_locations", period=(b_start, windows[-1][1]), scope=scope
-        ).rows_written
+        st.rows_out = lake.write(homes, "silver.cdr_home_locations", period=(windows[0][1], windows[-1][1]),
+                                 scope=scope).rows_written
         st.notes["windows"] = ", ".join(f"{w}={ws}..{we}" for w, ws, we in windows)
-    status.unpersist()
-    stats.unpersist()
-    # The gold tables read the stored silver rows (what a later re-run of gold alone would read), once.
-    daily = lake.read("silver.cdr_daily_locations").filter(
-        F.col("date").between(F.lit(start), F.lit(end)) & (F.col("spatial_unit") == cdr.spatial_unit)
-    ).persist(StorageLevel.MEMORY_AND_DISK)
-    homes = lake.read("silver.cdr_home_locations").filter(
-        F.col("window_start").between(F.lit(b_start), F.lit(windows[-1][1]))
-        & (F.col("spatial_unit") == cdr.spatial_unit)
-    )
+    return n_daily
+
+
+def gold_writes(lake: Lakehouse, cdr: CdrSettings, daily: DataFrame, homes: DataFrame, start: date, end: date,
+                windows: list[tuple[str, date, date]], n_daily: int) -> list[Write]:
+    """The six gold tables from the stored daily and home locations, as independent writes."""
+    scope: dict[str, Any] = {"spatial_unit": cdr.spatial_unit}
     baseline_homes = homes.filter(F.col("window") == "baseline")
     weights = scaling_weights(cdr.scaling, baseline_homes) if cdr.scaling.enabled() else {}
     if cdr.scaling.enabled() and not weights:
         raise ConfigError("cdr.scaling: no scaling weight matches a unit with baseline residents")
-
-    n_daily = res.rows_written
     gold: list[tuple[str, DataFrame, tuple[date, date], dict[str, Any], int | None]] = [
         # (table, rows, period, scope, rows in: the daily locations it derives from)
         ("gold.cdr_presence_daily", with_estimate(presence(daily), weights, "unit", "n_subscribers"), (start, end),
@@ -391,15 +387,31 @@ def run(spark: SparkSession, cfg: Config) -> None:
     else:
         log.info("cdr.mobility: no cdr.event_date inside the period; displacement tables not written")
 
-    def write_gold(name: str, df: DataFrame, period: tuple[date, date], where: dict, rows_in: int | None) -> None:
-        with stage(f"cdr.{name.split('.', 1)[1]} -> gold", rows_in) as st:
-            st.rows_out = lake.write(df, name, period=period, scope=where).rows_written
+    def writer(name: str, df: DataFrame, period: tuple[date, date], where: dict) -> Callable[[], int]:
+        return lambda: lake.write(df, name, period=period, scope=where).rows_written
 
-    # The gold tables are small and independent: their Spark jobs and Delta commits run side by side
-    # (spark.concurrent_jobs at once), so the cores are not idle between one table's jobs and the next.
+    return [Write(f"cdr.{name.split('.', 1)[1]} -> gold", writer(name, df, period, where), rows_in)
+            for name, df, period, where, rows_in in gold]
+
+
+def run(spark: SparkSession, cfg: Config) -> None:
+    start, end = require_period(cfg, "cdr.mobility")
+    cdr = cfg.cdr
+    lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
+    kept, persisted = active_stats(lake, cdr, start, end)
+    windows = home_windows(cdr, start, end)
     try:
-        with ThreadPoolExecutor(max_workers=cfg.spark.concurrent_jobs) as pool:
-            for f in [pool.submit(write_gold, *g) for g in gold]:
-                f.result()
+        n_daily = write_silver(lake, cdr, kept, start, end, windows)
+    finally:
+        for frame in persisted:
+            frame.unpersist()
+    # The gold tables read the stored silver rows (what a later re-run of gold alone would read), once.
+    unit = F.col("spatial_unit") == cdr.spatial_unit
+    daily = lake.read("silver.cdr_daily_locations").filter(
+        F.col("date").between(F.lit(start), F.lit(end)) & unit).persist(StorageLevel.MEMORY_AND_DISK)
+    homes = lake.read("silver.cdr_home_locations").filter(
+        F.col("window_start").between(F.lit(windows[0][1]), F.lit(windows[-1][1])) & unit)
+    try:  # small, independent tables: their Spark jobs and Delta commits run side by side
+        side_by_side(gold_writes(lake, cdr, daily, homes, start, end, windows, n_daily), cfg.spark.concurrent_jobs)
     finally:
         daily.unpersist()

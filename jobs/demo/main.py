@@ -17,7 +17,7 @@ from pyspark.sql import functions as F
 
 from jobs.cdr import ingest, mobility
 from jobs.demo import cdr_synth
-from lib.config import PROJECT_ROOT, CdrInput, Config
+from lib.config import CdrInput, Config
 from lib.runtime import log, stage
 from lib.spark import one_row, to_pandas
 from lib.tables import Lakehouse
@@ -46,7 +46,6 @@ def demo_config(cfg: Config, input_dir: Path) -> Config:
 
 def run(spark: SparkSession, cfg: Config) -> None:
     input_dir = Path(cfg.demo.input_dir)
-    input_dir = input_dir if input_dir.is_absolute() else PROJECT_ROOT / input_dir
     lines = ["", "migralake demo finished"]
     if "cdr" in cfg.demo.pipelines:
         lines += cdr_demo(spark, cfg, input_dir)
@@ -70,7 +69,6 @@ def remote_sensing_config(cfg: Config, input_dir: Path) -> tuple[Config, dict]:
 
     folder = input_dir / "remote_sensing"
     real = Path(cfg.demo.raster_scene) if cfg.demo.raster_scene else None
-    real = real if real is None or real.is_absolute() else PROJECT_ROOT / real
     if real is not None and real.exists():
         first, area = real, "olinda-recife"
     else:

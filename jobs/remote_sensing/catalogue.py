@@ -22,7 +22,7 @@ import rasterio
 from rasterio.windows import Window
 
 from jobs.remote_sensing.pixels import Grid, Scene
-from lib.config import PROJECT_ROOT, RemoteSensingSettings, SceneSpec, SensorProfile
+from lib.config import RemoteSensingSettings, SceneSpec, SensorProfile
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2")
 DATE_IN_NAME = re.compile(r"(?<!\d)(\d{4})-?(\d{2})-?(\d{2})(?!\d)")
@@ -38,8 +38,7 @@ class Rejected:
 
 
 def _resolve(path: str) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else PROJECT_ROOT / p
+    return Path(path)  # absolute: configuration resolves paths (lib.config.ProjectPath)
 
 
 def discover(folder: str, sensor: str) -> tuple[list[SceneSpec], list[Rejected]]:

@@ -25,7 +25,6 @@ import resource
 import shutil
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import date
 from pathlib import Path
@@ -43,8 +42,8 @@ from rasterio.windows import Window
 from jobs.remote_sensing import pixels
 from jobs.remote_sensing.catalogue import Rejected, catalogue, pair_id, pairs
 from jobs.remote_sensing.pixels import Grid, Scene
-from lib.config import PROJECT_ROOT, Config, RemoteSensingSettings
-from lib.runtime import log, stage
+from lib.config import Config, RemoteSensingSettings
+from lib.runtime import Write, log, side_by_side, stage
 from lib.tables import Lakehouse, spec
 
 DESCRIPTION = "Satellite scenes (two or more dates) -> built-up change per H3 cell and admin area (gold) + COG"
@@ -185,8 +184,7 @@ def load_admin(settings: RemoteSensingSettings) -> list[tuple[str, list[str], li
 
     out = []
     for level, path in settings.admin_paths.items():
-        p = Path(path)
-        gdf = geo.read_boundaries(p if p.is_absolute() else PROJECT_ROOT / p, level)
+        gdf = geo.read_boundaries(path, level)
         out.append((level, [str(v) for v in gdf[level]], [g.wkb for g in gdf.geometry]))
     return out
 
@@ -298,9 +296,8 @@ def _quarantine_row(r: Rejected, stage_name: str) -> tuple:
     return (r.path, r.area, date.fromisoformat(r.date) if r.date else None, r.sensor, stage_name, r.reason)
 
 
-def run(spark: SparkSession, cfg: Config) -> dict[str, Any]:
-    rs = cfg.remote_sensing
-    lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
+def usable_pairs(rs: RemoteSensingSettings) -> tuple[list[Scene], list[Rejected], list[tuple[Scene, Scene]]]:
+    """The scene catalogue, the scenes it rejected, and the pairs of dates to compare (or a clear error)."""
     with stage("remote_sensing.catalogue") as st:
         scenes, rejected = catalogue(rs)
         st.rows_in, st.rows_out = len(scenes) + len(rejected), len(scenes)
@@ -312,82 +309,99 @@ def run(spark: SparkSession, cfg: Config) -> dict[str, Any]:
             f"no pair of usable scenes of one area ({len(scenes)} usable, {len(rejected)} rejected: "
             + "; ".join(f"{r.path}: {r.reason}" for r in rejected[:3]) + "); configure remote_sensing.scenes "
             "or remote_sensing.scene_dir with two or more dates")
-    admin = load_admin(rs)
-    root = rasters_root(cfg)
-    staging = root / "_staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    # The Delta writes are independent of each other: they run in threads, as concurrent Spark jobs, so
-    # their fixed commit latency overlaps with the tile computation and with each other.
-    pool = ThreadPoolExecutor(max_workers=6, thread_name_prefix="migralake-write")
-    scenes_df = spark.createDataFrame([_scene_row(s) for s in scenes], spec("silver.settlement_scenes").schema)
-    pending = [pool.submit(lake.write, scenes_df, "silver.settlement_scenes", mode="overwrite")]
-    with stage("remote_sensing.tiles") as st:
-        parts = compute(spark, scene_pairs, rs, admin, str(staging)).persist(StorageLevel.MEMORY_AND_DISK)
-        st.rows_out = parts.count()
-        errors = parts.filter(F.col("kind") == "error").select("pair_id", "window_id", "detail").collect()
+    return scenes, rejected, scene_pairs
+
+
+def failed_pairs(parts: DataFrame, scene_pairs: list[tuple[Scene, Scene]]) -> tuple[dict[str, str], list[Rejected]]:
+    """Pairs a window of which could not be read (left out of gold), and the scenes to blame."""
+    errors = parts.filter(F.col("kind") == "error").select("pair_id", "window_id", "detail").collect()
     by_pair = {pair_id(b, a): (b, a) for b, a in scene_pairs}
     failed: dict[str, str] = {}
-    tiling_rejects = []
+    rejects = []
     for e in errors:
         failed.setdefault(e["pair_id"], e["detail"])
     for pid, detail in failed.items():
         for s in by_pair[pid]:
             if s.path in detail or any(f in detail for f, _ in s.files.values()):
-                tiling_rejects.append(Rejected(s.path, s.area, s.date, s.sensor, f"window read failed: {detail}"))
+                rejects.append(Rejected(s.path, s.area, s.date, s.sensor, f"window read failed: {detail}"))
         log.warning("pair %s left out of gold: %s", pid, detail)
-    good = [(b, a) for b, a in scene_pairs if pair_id(b, a) not in failed]
+    return failed, rejects
 
+
+def gold_writes(lake: Lakehouse, parts: DataFrame, good: list[tuple[Scene, Scene]], rs: RemoteSensingSettings,
+                levels: list[str], staging: Path, root: Path) -> tuple[list[Write], list[dict[str, Any]]]:
+    """The gold and tile writes of the pairs that were read whole, and the COG assembly; the COGs' paths are
+    appended to the returned list when the assembly has run."""
+    if not good:
+        return [], []
+    spark = lake.spark
+    meta = spark.createDataFrame(
+        [(pair_id(b, a), b.area, date.fromisoformat(b.date), date.fromisoformat(a.date), b.sensor, a.sensor)
+         for b, a in good],
+        "pair_id string, area string, date_before date, date_after date, sensor_before string, sensor_after string")
+    scopes = [{"area": b.area, "date_before": date.fromisoformat(b.date), "date_after": date.fromisoformat(a.date)}
+              for b, a in good]
+    h3df = summarise(parts, meta, "h3").withColumn("h3_resolution", F.lit(rs.h3_resolution)) \
+        .withColumnRenamed("unit", "h3_index")
+    writes = [Write("remote_sensing.gold h3", lambda: lake.write(
+        lake.conform(h3df, "gold.settlement_change_h3"), "gold.settlement_change_h3",
+        where=[{**sc, "h3_resolution": rs.h3_resolution} for sc in scopes]).rows_written)]
+    if levels:
+        adf = summarise(parts, meta, "admin")
+        writes.append(Write("remote_sensing.gold admin", lambda: lake.write(
+            lake.conform(adf, "gold.settlement_change_admin"), "gold.settlement_change_admin",
+            where=[{**sc, "level": levels} for sc in scopes]).rows_written))
+    tiles = parts.filter(F.col("kind") == "tile").join(meta, on="pair_id", how="inner")
+    window_json = F.from_json("detail", "row_off int, col_off int, height int, width int")
+    tiles = tiles.select("*", window_json.alias("w")).select(
+        "area", "date_before", "date_after", "window_id", F.col("w.row_off").alias("row_off"),
+        F.col("w.col_off").alias("col_off"), F.col("w.height").alias("height"), F.col("w.width").alias("width"),
+        "n_pixels", "n_pixels_valid", "n_outside_admin",
+        (F.col("n_pixels_valid") / F.col("n_pixels")).alias("valid_fraction"),
+        F.col("peak_rss_mb").alias("worker_peak_rss_mb"))
+    writes.append(Write("remote_sensing.tiles -> silver", lambda: lake.write(
+        lake.conform(tiles, "silver.settlement_tiles"), "silver.settlement_tiles", where=scopes).rows_written))
+    tasks = [(pair_id(b, a), json.dumps(asdict(b)), str(staging),
+              str(root / "settlement_change" / b.area / f"{b.date}_{a.date}")) for b, a in good]
+    rasters: list[dict[str, Any]] = []
+
+    def cogs() -> int:
+        rasters.extend(spark.sparkContext.parallelize(tasks, len(tasks)).map(assemble).collect())
+        return len(rasters)
+
+    return [*writes, Write("remote_sensing.cogs", cogs)], rasters
+
+
+def run(spark: SparkSession, cfg: Config) -> dict[str, Any]:
+    rs = cfg.remote_sensing
+    lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
+    scenes, rejected, scene_pairs = usable_pairs(rs)
+    admin = load_admin(rs)
+    root = rasters_root(cfg)
+    staging = root / "_staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    with stage("remote_sensing.tiles") as st:
+        parts = compute(spark, scene_pairs, rs, admin, str(staging)).persist(StorageLevel.MEMORY_AND_DISK)
+        st.rows_out = parts.count()
+    failed, tiling_rejects = failed_pairs(parts, scene_pairs)
+    good = [(b, a) for b, a in scene_pairs if pair_id(b, a) not in failed]
+    scenes_df = spark.createDataFrame([_scene_row(s) for s in scenes], spec("silver.settlement_scenes").schema)
     q_rows = [_quarantine_row(r, "catalogue") for r in rejected] + [_quarantine_row(r, "tiling")
                                                                     for r in tiling_rejects]
-    pending.append(pool.submit(lake.write, spark.createDataFrame(q_rows, spec("quarantine.settlement_scenes").schema),
-                               "quarantine.settlement_scenes", mode="overwrite"))
-    written: dict[str, int] = {}
-    rasters: list[dict[str, Any]] = []
-    with stage("remote_sensing.gold") as st:
-        if good:
-            meta = spark.createDataFrame(
-                [(pair_id(b, a), b.area, date.fromisoformat(b.date), date.fromisoformat(a.date), b.sensor, a.sensor)
-                 for b, a in good],
-                "pair_id string, area string, date_before date, date_after date, sensor_before string, "
-                "sensor_after string")
-            scope = " OR ".join(f"(area = '{b.area}' AND date_before = DATE'{b.date}' AND date_after = "
-                                f"DATE'{a.date}')" for b, a in good)
-            h3df = summarise(parts, meta, "h3").withColumn("h3_resolution", F.lit(rs.h3_resolution)) \
-                .withColumnRenamed("unit", "h3_index")
-            pending.append(pool.submit(lake.write, lake.conform(h3df, "gold.settlement_change_h3"),
-                                       "gold.settlement_change_h3",
-                                       replace_where=f"({scope}) AND h3_resolution = {rs.h3_resolution}"))
-            levels = [lvl for lvl, _, _ in admin]
-            if levels:
-                adf = summarise(parts, meta, "admin")
-                level_in = ", ".join(f"'{lvl}'" for lvl in levels)
-                pending.append(pool.submit(lake.write, lake.conform(adf, "gold.settlement_change_admin"),
-                                           "gold.settlement_change_admin",
-                                           replace_where=f"({scope}) AND level IN ({level_in})"))
-            tiles = parts.filter(F.col("kind") == "tile").join(meta, on="pair_id", how="inner")
-            window_json = F.from_json("detail", "row_off int, col_off int, height int, width int")
-            tiles = tiles.select("*", window_json.alias("w")).select(
-                "area", "date_before", "date_after", "window_id", F.col("w.row_off").alias("row_off"),
-                F.col("w.col_off").alias("col_off"), F.col("w.height").alias("height"),
-                F.col("w.width").alias("width"), "n_pixels", "n_pixels_valid", "n_outside_admin",
-                (F.col("n_pixels_valid") / F.col("n_pixels")).alias("valid_fraction"),
-                F.col("peak_rss_mb").alias("worker_peak_rss_mb"))
-            pending.append(pool.submit(lake.write, lake.conform(tiles, "silver.settlement_tiles"),
-                                       "silver.settlement_tiles", replace_where=scope))
-            tasks = [(pair_id(b, a), json.dumps(asdict(b)), str(staging),
-                      str(root / "settlement_change" / b.area / f"{b.date}_{a.date}")) for b, a in good]
-            cogs = pool.submit(lambda: spark.sparkContext.parallelize(tasks, len(tasks)).map(assemble).collect())
-            written = {"pairs": len(good)}
-            st.rows_out = len(good)
-        try:
-            for f in pending:
-                f.result()  # re-raises the first failed write
-            rasters = cogs.result() if good else []
-        finally:
-            pool.shutdown(wait=True)
-    parts.unpersist()
-    shutil.rmtree(staging, ignore_errors=True)
+    q_df = spark.createDataFrame(q_rows, spec("quarantine.settlement_scenes").schema)
+    writes, rasters = gold_writes(lake, parts, good, rs, [lvl for lvl, _, _ in admin], staging, root)
+    try:
+        side_by_side([
+            Write("remote_sensing.scenes -> silver",
+                  lambda: lake.write(scenes_df, "silver.settlement_scenes", mode="overwrite").rows_written),
+            Write("remote_sensing.quarantine",
+                  lambda: lake.write(q_df, "quarantine.settlement_scenes", mode="overwrite").rows_written),
+            *writes], max_workers=6)
+    finally:
+        parts.unpersist()
+        shutil.rmtree(staging, ignore_errors=True)
     summary = {"scenes": len(scenes), "rejected": len(rejected) + len(tiling_rejects), "pairs": len(scene_pairs),
-               "pairs_written": len(good), "failed_pairs": failed, "rasters": rasters, **written}
+               "pairs_written": len(good), "failed_pairs": failed, "rasters": rasters,
+               **({"pairs": len(good)} if good else {})}
     log.info("remote_sensing.change: %s", json.dumps(summary, default=str))
     return summary

@@ -18,7 +18,7 @@ import h3
 import numpy as np
 import pandas as pd
 
-from lib.config import PROJECT_ROOT, Config
+from lib.config import Config
 from lib.privacy.hooks import ReleaseHooks, register
 from lib.privacy.policy import ReleaseType
 
@@ -30,9 +30,7 @@ def sensitive_parents(cells: pd.Series, zones_path: str, resolution: int) -> set
     import geopandas as gpd
     import shapely
 
-    path = Path(zones_path)
-    path = path if path.is_absolute() else PROJECT_ROOT / path
-    zones = gpd.read_file(path).to_crs(4326).union_all()
+    zones = gpd.read_file(Path(zones_path)).to_crs(4326).union_all()
     uniq = cells.dropna().unique()
     centres = [h3.cell_to_latlng(c) for c in uniq]
     inside = shapely.contains_xy(zones, [c[1] for c in centres], [c[0] for c in centres])

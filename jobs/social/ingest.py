@@ -8,10 +8,16 @@ whole table) and ``quarantine.social_posts`` (rows of the same files replaced).
 
 Each file is parsed inside one Spark task, line by line (so line numbers are
 exact); no line passes through the driver. A line that cannot be used goes to
-quarantine with its file, line number and reason (invalid_utf8, bad_json,
-not_a_post, missing_id, missing_text, missing_author, missing_time,
-unparseable_time, outside_period, bad_csv_row, empty_line); rows in =
-accepted + quarantined is checked. Author and post ids become keyed
+quarantine with its file, line number and reason (invalid_utf8,
+invalid_unicode, bad_json, oversize, not_a_post, missing_id, missing_text,
+missing_author, missing_time, unparseable_time, outside_period, bad_csv_row,
+empty_line, unreadable_file); rows in = accepted + quarantined is checked.
+Compressed files (``.gz``, or gzip data under any name) are read decompressed; a
+UTF-8 byte-order mark is dropped; JSON nested deeper than Python can parse, a
+line over ``MAX_LINE_BYTES`` or a CSV field over ``MAX_FIELD_CHARS`` is
+quarantined, not fatal. A file none of whose lines could be parsed (binary data,
+a broken gzip stream) is named in one clear error at the end of the job (exit
+status 5), after everything else was ingested. Author and post ids become keyed
 HMAC-SHA256 pseudonyms inside the task; the raw ids are never written.
 Retweets (``referenced_tweets`` of type retweeted, or text starting ``RT @``)
 and exact duplicates (the same post again, or the same author and text) are
@@ -22,16 +28,19 @@ from __future__ import annotations
 
 import csv
 import glob
+import gzip
 import io
 import json
 import math
+import sys
+import zlib
 from collections.abc import Iterator
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from pyspark.sql import SparkSession, Window
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -44,8 +53,13 @@ DESCRIPTION = "Post files (X API v2 JSON Lines or CSV) -> bronze.social_posts (p
 
 REQUIRED = ("id", "text", "author_id", "created_at")
 OPTIONAL = ("lang", "longitude", "latitude", "retweet_of")
-REASONS = ("invalid_utf8", "bad_json", "not_a_post", "missing_id", "missing_text", "missing_author",
-           "missing_time", "unparseable_time", "outside_period", "bad_csv_row", "empty_line")
+REASONS = ("invalid_utf8", "invalid_unicode", "bad_json", "oversize", "not_a_post", "missing_id", "missing_text",
+           "missing_author", "missing_time", "unparseable_time", "outside_period", "bad_csv_row", "empty_line",
+           "unreadable_file")
+UNPARSEABLE = ("invalid_utf8", "bad_json", "bad_csv_row", "unreadable_file")  # the line was not read at all
+MAX_LINE_BYTES = 1 << 20  # one JSON line (a tweet object is a few kB; an API page of 100 tweets < 1 MB)
+MAX_FIELD_CHARS = 100_000  # one CSV field (a long post is 25,000 characters)
+GZIP_MAGIC = b"\x1f\x8b"
 NO_LANGUAGE = {"", "und", "qme", "qht", "qam", "zxx", "art"}
 CHUNK = 20_000
 
@@ -76,7 +90,8 @@ class InputError(ValueError):
 def list_files(source: SocialInput) -> list[str]:
     p = Path(source.path)
     if p.is_dir():
-        suffixes = (".jsonl", ".json", ".ndjson", ".jsonl.gz") if source.format == "jsonl" else (".csv", ".tsv")
+        suffixes = ((".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz") if source.format == "jsonl"
+                    else (".csv", ".tsv", ".csv.gz", ".tsv.gz"))
         files = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.name.endswith(suffixes))
     elif p.is_file():
         files = [str(p)]
@@ -87,9 +102,22 @@ def list_files(source: SocialInput) -> list[str]:
     return [str(Path(f).resolve()) for f in files]
 
 
+def open_bytes(path: str) -> io.BufferedIOBase:
+    """The file's bytes, decompressed when it holds gzip data (whatever its name)."""
+    fh = open(path, "rb")  # noqa: SIM115 - returned to the caller, who closes it
+    magic = fh.peek(2)[:2] if hasattr(fh, "peek") else b""
+    if magic == GZIP_MAGIC:
+        return gzip.GzipFile(fileobj=fh, mode="rb")  # type: ignore[return-value]
+    return fh
+
+
 def check_csv_header(path: str, mapping: dict[str, str]) -> None:
-    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
-        header = next(csv.reader(fh), [])
+    try:
+        with open_bytes(path) as raw:
+            first = raw.readline(MAX_LINE_BYTES).decode("utf-8", errors="replace").lstrip("\ufeff")
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"{path}: cannot read the CSV header ({exc})") from None
+    header = next(csv.reader(io.StringIO(first, newline="")), [])
     for ours in REQUIRED:
         theirs = mapping.get(ours, ours)
         if theirs not in header:
@@ -141,6 +169,14 @@ def _is_retweet(tweet: dict, text: str) -> bool:
     return text.startswith("RT @")
 
 
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def tweet_row(tweet: Any, places: dict[str, dict]) -> dict[str, Any]:
     """One tweet object -> a parsed row, or a row with the quarantine reason."""
     if not isinstance(tweet, dict):
@@ -156,6 +192,10 @@ def tweet_row(tweet: Any, places: dict[str, dict]) -> dict[str, Any]:
         return {"reason": "missing_author", "detail": "no 'author_id'"}
     if tweet.get("created_at") in (None, ""):
         return {"reason": "missing_time", "detail": "no 'created_at'"}
+    fields = (text, tweet.get("id"), tweet.get("author_id"), tweet.get("created_at"), tweet.get("lang"))
+    if any(isinstance(v, str) and _has_surrogate(v) for v in fields):
+        return {"reason": "invalid_unicode", "detail": "a lone UTF-16 surrogate (\\ud800-\\udfff) in text, id, "
+                                                       "author, time or language"}
     lon, lat, kind = place_of(tweet, places)
     lang = tweet.get("lang")
     return {"id": str(tweet["id"]), "author": str(tweet["author_id"]), "created_raw": str(tweet["created_at"]),
@@ -163,47 +203,92 @@ def tweet_row(tweet: Any, places: dict[str, dict]) -> dict[str, Any]:
             "longitude": lon, "latitude": lat, "place_kind": kind, "is_retweet": _is_retweet(tweet, text)}
 
 
+def _lines(path: str) -> Iterator[tuple[int, bytes | None, str | None]]:
+    """(line number, bytes, None) per line, or (line number, None, why) once when the file stops being readable
+    (a broken gzip stream); a line over MAX_LINE_BYTES is cut there and skipped to its end."""
+    number = 0
+    try:
+        with open_bytes(path) as fh:
+            while True:
+                raw = fh.readline(MAX_LINE_BYTES + 1)
+                if not raw:
+                    return
+                number += 1
+                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    while (rest := fh.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                        pass
+                    yield number, None, f"oversize: the line is longer than {MAX_LINE_BYTES} bytes"
+                    continue
+                yield number, raw, None
+    except (OSError, EOFError, zlib.error) as exc:
+        yield number + 1, None, f"unreadable_file: {type(exc).__name__}: {exc}"
+
+
 def jsonl_rows(path: str) -> Iterator[dict[str, Any]]:
-    with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            base = {"line_number": number}
-            raw = raw.rstrip(b"\r\n")
-            if not raw.strip():
-                yield {**base, "reason": "empty_line", "detail": None}
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield {**base, "reason": "invalid_utf8", "detail": f"byte {exc.start}: {exc.reason}"}
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield {**base, "reason": "bad_json", "detail": f"column {exc.colno}: {exc.msg}"}
-                continue
-            if isinstance(obj, dict) and isinstance(obj.get("data"), list):  # an API response page
-                raw_inc = obj.get("includes")
-                inc: dict[str, Any] = raw_inc if isinstance(raw_inc, dict) else {}
-                places = {str(p.get("id")): p for p in inc.get("places") or [] if isinstance(p, dict)}
-                if not obj["data"]:
-                    yield {**base, "reason": "not_a_post", "detail": "an API page with no tweets"}
-                for tweet in obj["data"]:
-                    yield {**base, **tweet_row(tweet, places)}
-            else:
-                yield {**base, **tweet_row(obj, {})}
+    for number, raw, problem in _lines(path):
+        base = {"line_number": number}
+        if raw is None:
+            reason, _, detail = (problem or "unreadable_file").partition(": ")
+            yield {**base, "reason": reason, "detail": detail}
+            continue
+        raw = raw.rstrip(b"\r\n")
+        if number == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+        if not raw.strip():
+            yield {**base, "reason": "empty_line", "detail": None}
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield {**base, "reason": "invalid_utf8", "detail": f"byte {exc.start}: {exc.reason}"}
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield {**base, "reason": "bad_json", "detail": f"column {exc.colno}: {exc.msg}"}
+            continue
+        except RecursionError:
+            yield {**base, "reason": "bad_json", "detail": "nested too deeply to parse"}
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("data"), list):  # an API response page
+            raw_inc = obj.get("includes")
+            inc: dict[str, Any] = raw_inc if isinstance(raw_inc, dict) else {}
+            places = {str(p.get("id")): p for p in inc.get("places") or [] if isinstance(p, dict)}
+            if not obj["data"]:
+                yield {**base, "reason": "not_a_post", "detail": "an API page with no tweets"}
+            for tweet in obj["data"]:
+                yield {**base, **tweet_row(tweet, places)}
+        else:
+            yield {**base, **tweet_row(obj, {})}
 
 
 def csv_rows(path: str, mapping: dict[str, str]) -> Iterator[dict[str, Any]]:
-    with open(path, "rb") as fh:
-        data = fh.read().decode("utf-8", errors="surrogateescape")
+    try:
+        with open_bytes(path) as fh:
+            data = fh.read().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    except (OSError, EOFError, zlib.error) as exc:
+        yield {"line_number": 1, "reason": "unreadable_file", "detail": f"{type(exc).__name__}: {exc}"}
+        return
+    csv.field_size_limit(sys.maxsize)  # fields are measured below, each row on its own
     reader = csv.reader(io.StringIO(data, newline=""))
     header = next(reader)
     col = {ours: header.index(mapping.get(ours, ours)) for ours in (*REQUIRED, *OPTIONAL)
            if mapping.get(ours, ours) in header}
     line = reader.line_num + 1
-    for fields in reader:
+    while True:
         base = {"line_number": line}
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            line = reader.line_num + 1
+            yield {**base, "reason": "bad_csv_row", "detail": str(exc)}
+            continue
         line = reader.line_num + 1
+        if any(len(f) > MAX_FIELD_CHARS for f in fields):
+            yield {**base, "reason": "oversize", "detail": f"a field longer than {MAX_FIELD_CHARS} characters"}
+            continue
         if not fields or all(not f.strip() for f in fields):
             yield {**base, "reason": "empty_line", "detail": None}
             continue
@@ -241,9 +326,10 @@ def finish(rows: list[dict[str, Any]], path: str, key: bytes, period: tuple[date
     df["created_at"] = pd.Series(pd.NaT, index=df.index, dtype="datetime64[ns]")
     good = created[~bad_time]
     df.loc[good.index, "created_at"] = good.dt.tz_convert(None).astype("datetime64[ns]")
-    if period is not None:
-        day = df["created_at"].dt.date
-        out = df["reason"].isna() & ~day.between(period[0], period[1])
+    if period is not None:  # (compared as timestamps: a chunk with no valid time has no dates to compare)
+        lo, hi = pd.Timestamp(period[0]), pd.Timestamp(period[1]) + pd.Timedelta(days=1)
+        created_at = pd.to_datetime(df["created_at"])
+        out = df["reason"].isna() & ~((created_at >= lo) & (created_at < hi))
         df.loc[out, ["reason", "detail"]] = ["outside_period", f"outside {period[0]}..{period[1]}"]
     ok = df["reason"].isna()
     df["post_key"] = None
@@ -279,75 +365,99 @@ def parse_files(files: pd.DataFrame, key: bytes, mapping: dict[str, str],
 # ----------------------------------------------------------------------------- job
 
 
-def ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
-    social = cfg.social
-    if not social.inputs:
+def input_files(cfg: Config) -> list[tuple[str, str]]:
+    """(path, format) of every post file of ``social.inputs``; CSV headers checked here, on the driver."""
+    if not cfg.social.inputs:
         raise ConfigError("social.inputs is empty: name at least one {path, format} of post files")
-    key = load_key(cfg.pseudonym)
     files: list[tuple[str, str]] = []
-    for source in social.inputs:
+    for source in cfg.social.inputs:
         for f in list_files(source):
             if source.format == "csv":
-                check_csv_header(f, social.column_mapping)
+                check_csv_header(f, cfg.social.column_mapping)
             files.append((f, source.format))
+    return files
+
+
+def bronze_rows(parsed: DataFrame, now: datetime) -> tuple[DataFrame, DataFrame]:
+    """(bronze rows with retweet and duplicate flags, quarantine rows) from the parsed lines."""
+    accepted = parsed.filter(F.col("reason").isNull())
+    by_id = Window.partitionBy("post_key").orderBy("created_at", "source_file", "line_number")
+    by_text = Window.partitionBy("author_key", F.sha2(F.col("text"), 256)).orderBy(
+        "created_at", "source_file", "line_number")
+    bronze = (accepted
+              .withColumn("_id_rank", F.row_number().over(by_id))
+              .withColumn("_text_rank", F.row_number().over(by_text))
+              .select("post_key", "author_key", "created_at", F.to_date("created_at").alias("date"), "text",
+                      "lang_field", "longitude", "latitude", "place_kind", "is_retweet",
+                      ((F.col("_id_rank") > 1) | (F.col("_text_rank") > 1)).alias("is_duplicate"),
+                      "source_file", "line_number", F.lit(now).alias("ingested_at"),
+                      F.lit(None).cast("timestamp").alias("text_erased_at")))
+    quarantine = parsed.filter(F.col("reason").isNotNull()).select(
+        "source_file", "line_number", "reason", "detail", F.lit(now).alias("ingested_at"))
+    return bronze, quarantine
+
+
+def line_counts(parsed: DataFrame) -> tuple[dict[str, int], list[str]]:
+    """Lines per reason ('accepted' for none), and the files none of whose lines could be parsed."""
+    counts = {r["reason"] or "accepted": r["n"]
+              for r in parsed.groupBy("reason").agg(F.count("*").alias("n")).collect()}
+    per_file = parsed.groupBy("source_file").agg(
+        F.count("*").alias("lines"), F.sum(F.col("reason").isNull().cast("int")).alias("accepted"),
+        F.sum(F.col("reason").isin(*UNPARSEABLE).cast("int")).alias("unparsed")).collect()
+    return counts, sorted(r["source_file"] for r in per_file if r["accepted"] == 0 and r["unparsed"] == r["lines"])
+
+
+def ingest(spark: SparkSession, cfg: Config) -> dict[str, Any]:
+    files = input_files(cfg)
+    key = load_key(cfg.pseudonym)
     period = (cfg.period.start, cfg.period.end) if cfg.period.start and cfg.period.end else None
-    mapping = dict(social.column_mapping)
+    mapping = dict(cfg.social.column_mapping)
     lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
     now = pd.Timestamp.now(tz="UTC").tz_convert(None).floor("s").to_pydatetime()
-
     with stage("social.ingest") as st:
         listing = spark.createDataFrame(files, "path string, format string").repartition(len(files), "path")
         parsed = listing.mapInPandas(lambda it: (p for f in it for p in parse_files(f, key, mapping, period)),
                                      schema=PARSED).cache()
-        counts = {r["reason"] or "accepted": r["n"] for r in parsed.groupBy("reason").agg(F.count("*").alias("n"))
-                  .collect()}
-        rows_in = sum(counts.values())
-        accepted = parsed.filter(F.col("reason").isNull())
-        by_id = Window.partitionBy("post_key").orderBy("created_at", "source_file", "line_number")
-        by_text = Window.partitionBy("author_key", F.sha2(F.col("text"), 256)).orderBy(
-            "created_at", "source_file", "line_number")
-        bronze = (accepted
-                  .withColumn("_id_rank", F.row_number().over(by_id))
-                  .withColumn("_text_rank", F.row_number().over(by_text))
-                  .select("post_key", "author_key", "created_at", F.to_date("created_at").alias("date"), "text",
-                          "lang_field", "longitude", "latitude", "place_kind", "is_retweet",
-                          ((F.col("_id_rank") > 1) | (F.col("_text_rank") > 1)).alias("is_duplicate"),
-                          "source_file", "line_number", F.lit(now).alias("ingested_at"),
-                          F.lit(None).cast("timestamp").alias("text_erased_at")))
-        quarantine = parsed.filter(F.col("reason").isNotNull()).select(
-            "source_file", "line_number", "reason", "detail", F.lit(now).alias("ingested_at"))
-        if period:
-            res = lake.write(lake.conform(bronze, "bronze.social_posts"), "bronze.social_posts", period=period)
-        else:
-            res = lake.write(lake.conform(bronze, "bronze.social_posts"), "bronze.social_posts")
-        in_files = " OR ".join(f"source_file = '{p.replace(chr(39), chr(39) * 2)}'" for p, _ in files)
-        if lake.exists("quarantine.social_posts"):
-            q = lake.write(lake.conform(quarantine, "quarantine.social_posts"), "quarantine.social_posts",
-                           replace_where=in_files)
-        else:
-            q = lake.write(lake.conform(quarantine, "quarantine.social_posts"), "quarantine.social_posts")
+        counts, unusable = line_counts(parsed)
+        bronze, quarantine = bronze_rows(parsed, now)
+        res = lake.write(lake.conform(bronze, "bronze.social_posts"), "bronze.social_posts", period=period)
+        q = lake.write(lake.conform(quarantine, "quarantine.social_posts"), "quarantine.social_posts",
+                       where={"source_file": [p for p, _ in files]})
         parsed.unpersist()
-        accepted_n = counts.get("accepted", 0)
-        quarantined = rows_in - accepted_n
-        if res.rows_written != accepted_n or q.rows_written != quarantined:
+        rows_in, accepted_n = sum(counts.values()), counts.get("accepted", 0)
+        if res.rows_written != accepted_n or q.rows_written != rows_in - accepted_n:
             raise RuntimeError(f"social.ingest: rows in {rows_in} != bronze {res.rows_written} + quarantine "
                                f"{q.rows_written}")
         st.rows_in, st.rows_out = rows_in, accepted_n
         st.notes.update({k: v for k, v in counts.items() if k != "accepted"})
+    return summarise(lake, files, counts, unusable)
+
+
+def summarise(lake: Lakehouse, files: list[tuple[str, str]], counts: dict[str, int],
+              unusable: list[str]) -> dict[str, Any]:
+    rows_in, accepted_n = sum(counts.values()), counts.get("accepted", 0)
+    quarantined = {k: v for k, v in counts.items() if k != "accepted"}
     flags = lake.read("bronze.social_posts").agg(
         F.sum(F.col("is_retweet").cast("int")).alias("retweets"),
         F.sum(F.col("is_duplicate").cast("int")).alias("duplicates")).first()
     assert flags is not None  # an aggregate has one row
     log.info("social.ingest: %d lines in %d files -> %d posts + %d quarantined %s; %d retweets, %d duplicates "
-             "flagged", rows_in, len(files), accepted_n, quarantined,
-             {k: v for k, v in counts.items() if k != "accepted"}, flags["retweets"] or 0, flags["duplicates"] or 0)
-    return {"files": len(files), "rows_in": rows_in, "accepted": accepted_n,
-            "quarantined": {k: v for k, v in counts.items() if k != "accepted"},
-            "retweets": int(flags["retweets"] or 0), "duplicates": int(flags["duplicates"] or 0)}
+             "flagged", rows_in, len(files), accepted_n, rows_in - accepted_n, quarantined, flags["retweets"] or 0,
+             flags["duplicates"] or 0)
+    for f in unusable:
+        log.error("social.ingest: %s: not one line could be read as %s (binary data, a broken compressed stream, "
+                  "or another format); its lines are in quarantine.social_posts", f, dict(files).get(f, "posts"))
+    return {"files": len(files), "rows_in": rows_in, "accepted": accepted_n, "quarantined": quarantined,
+            "retweets": int(flags["retweets"] or 0), "duplicates": int(flags["duplicates"] or 0),
+            "unusable_files": unusable}
 
 
 def run(spark: SparkSession, cfg: Config) -> int:
     out = ingest(spark, cfg)
     print(json.dumps(out, indent=2))
+    if out["unusable_files"]:
+        print(f"migralake: social.ingest: {len(out['unusable_files'])} file(s) could not be read at all: "
+              + ", ".join(out["unusable_files"]), file=sys.stderr)
+        return 5
     return 0
 

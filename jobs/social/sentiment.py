@@ -39,7 +39,7 @@ from pyspark.sql import functions as F
 
 from jobs.social import model as models
 from lib import geo
-from lib.config import PROJECT_ROOT, Config, ConfigError, SpatialUnit
+from lib.config import Config, ConfigError, SpatialUnit
 from lib.pydaemon import PRELOAD_ENV, worker_environment
 from lib.runtime import log, stage
 from lib.tables import Lakehouse, spec
@@ -83,7 +83,7 @@ class Matcher:
 
 
 def load_terms(path: str) -> dict[str, list[str]]:
-    p = Path(path) if Path(path).is_absolute() else PROJECT_ROOT / path
+    p = Path(path)  # absolute: configuration resolves paths (lib.config.ProjectPath)
     if not p.exists():
         raise ConfigError(f"social.keywords_path: {p} not found")
     try:
@@ -273,12 +273,9 @@ def series(silver: DataFrame) -> DataFrame:
 
 def erase_expired_text(lake: Lakehouse, days: int) -> int:
     """Erase the text of scored posts ingested more than ``days`` ago; vacuum the files that held it."""
-    from delta.tables import DeltaTable
-
     name = "bronze.social_posts"
     if not lake.exists(name) or not lake.exists("silver.social_posts"):
         return 0
-    path = lake.location(name)
     cutoff = pd.Timestamp.now(tz="UTC").tz_convert(None) - pd.Timedelta(days=days)
     scored = lake.read("silver.social_posts").select("post_key").distinct()
     bronze = lake.read(name)
@@ -286,16 +283,8 @@ def erase_expired_text(lake: Lakehouse, days: int) -> int:
                .join(scored, "post_key", "left_semi").select("post_key").distinct())
     n = expired.count()
     if n:
-        table = DeltaTable.forPath(lake.spark, path)
-        (table.alias("b").merge(expired.alias("e"), "b.post_key = e.post_key")
-         .whenMatchedUpdate(set={"text": F.lit(None).cast("string"), "text_erased_at": F.current_timestamp()})
-         .execute())
-        check = lake.spark.conf.get("spark.databricks.delta.retentionDurationCheck.enabled", "true") or "true"
-        lake.spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
-        try:
-            table.vacuum(retentionHours=float(days * 24))
-        finally:
-            lake.spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", check)
+        lake.erase(name, expired, "post_key", ["text"], stamp="text_erased_at")
+        lake.vacuum(name, retention_hours=float(days * 24))
         log.info("social: erased the text of %d posts ingested before %s and vacuumed %s", n, cutoff, name)
     return n
 
@@ -303,11 +292,9 @@ def erase_expired_text(lake: Lakehouse, days: int) -> int:
 # ----------------------------------------------------------------------------- job
 
 
-def score(spark: SparkSession, cfg: Config) -> dict[str, Any]:
+def scoring_job(cfg: Config) -> Scoring:
+    """What the scoring tasks need: terms, areas, the spatial unit and the model settings (validated here)."""
     social = cfg.social
-    lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
-    if not lake.exists("bronze.social_posts"):
-        raise ConfigError("bronze.social_posts does not exist yet: run social.ingest first")
     unit = social.spatial_unit
     paths = social.admin_paths or cfg.cdr.admin_paths
     if unit.startswith("h3_"):
@@ -322,17 +309,16 @@ def score(spark: SparkSession, cfg: Config) -> dict[str, Any]:
                               f"cdr.admin_paths ({sorted(paths)})")
         boundaries = {unit: geo.read_boundaries(paths[unit], unit)}
         h3_res = cfg.cdr.h3_resolution
-    terms = load_terms(social.keywords_path)
-    model_hash = models.weights_hash(social.model)
-    bronze = lake.read("bronze.social_posts").filter(F.col("text").isNotNull())
-    if cfg.period.start and cfg.period.end:
-        bronze = bronze.filter(F.col("date").between(F.lit(cfg.period.start), F.lit(cfg.period.end)))
-    silver_schema = spec("silver.social_posts").schema
-    job = Scoring(terms=terms, boundaries=boundaries, unit=unit, h3_res=h3_res, max_km=social.nearest_area_max_km,
-                  model_name=social.model, model_path=str(models.resolve(social.model)), model_hash=model_hash,
-                  label_map=dict(social.label_map), batch_size=social.batch_size, threads=social.torch_threads,
-                  precision=social.precision, exclude_retweets=social.exclude_retweets,
-                  exclude_duplicates=social.exclude_duplicates)
+    return Scoring(terms=load_terms(social.keywords_path), boundaries=boundaries, unit=unit, h3_res=h3_res,
+                   max_km=social.nearest_area_max_km, model_name=social.model,
+                   model_path=str(models.resolve(social.model)), model_hash=models.weights_hash(social.model),
+                   label_map=dict(social.label_map), batch_size=social.batch_size, threads=social.torch_threads,
+                   precision=social.precision, exclude_retweets=social.exclude_retweets,
+                   exclude_duplicates=social.exclude_duplicates)
+
+
+def write_silver(spark: SparkSession, lake: Lakehouse, bronze: DataFrame, job: Scoring, tasks_per_slot: int) -> int:
+    """Score every post on the executors into silver.social_posts (merged by post); returns the rows written."""
     with stage("social.sentiment -> silver.social_posts") as st:
         # One silver row per post: a post delivered twice keeps its first delivery (the other is a flagged
         # duplicate in bronze); copies under other ids are separate posts, flagged is_duplicate.
@@ -347,33 +333,42 @@ def score(spark: SparkSession, cfg: Config) -> dict[str, Any]:
             warm = warm_workers(spark, 1, job)
             # One shuffle: hash-partitioned by post_key, which the window needs too; tasks_per_slot tasks per
             # slot (each task pays a fixed cost of a second or two; more tasks even out unequal ones).
-            posts = (bronze.repartition(slots * social.tasks_per_slot, "post_key")
+            posts = (bronze.repartition(slots * tasks_per_slot, "post_key")
                      .withColumn("_n", F.row_number().over(first)).filter(F.col("_n") == 1)
                      .select("post_key", "author_key", "created_at", "date", "text", "lang_field", "longitude",
                              "latitude", "is_retweet", "is_duplicate"))
-            silver = posts.mapInPandas(lambda it: posts_to_silver(it, job), schema=silver_schema)
-        if lake.exists("silver.social_posts"):
-            res = lake.merge(silver, "silver.social_posts")
-        else:
-            res = lake.write(silver, "silver.social_posts")
+            silver = posts.mapInPandas(lambda it: posts_to_silver(it, job), schema=spec("silver.social_posts").schema)
+        res = lake.merge(silver, "silver.social_posts") if lake.exists("silver.social_posts") else lake.write(
+            silver, "silver.social_posts")
         warm.join()
         st.rows_out = res.rows_written
+    return res.rows_written
+
+
+def score(spark: SparkSession, cfg: Config) -> dict[str, Any]:
+    lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
+    if not lake.exists("bronze.social_posts"):
+        raise ConfigError("bronze.social_posts does not exist yet: run social.ingest first")
+    job = scoring_job(cfg)
+    bronze = lake.read("bronze.social_posts").filter(F.col("text").isNotNull())
+    if cfg.period.start and cfg.period.end:
+        bronze = bronze.filter(F.col("date").between(F.lit(cfg.period.start), F.lit(cfg.period.end)))
+    write_silver(spark, lake, bronze, job, cfg.social.tasks_per_slot)
     # silver is read once for the eight gold aggregates and the summary
     scored = lake.read("silver.social_posts").select(
         "author_key", "date", "week_start", "spatial_unit", "region", "language", "on_topic", "counted",
         "sentiment", "score").persist()
     with stage("social.sentiment -> gold.social_sentiment") as st:
-        res = lake.write(lake.conform(series(scored), "gold.social_sentiment"), "gold.social_sentiment")
-        st.rows_out = res.rows_written
-    erased = erase_expired_text(lake, social.text_retention_days)
+        st.rows_out = lake.write(lake.conform(series(scored), "gold.social_sentiment"),
+                                 "gold.social_sentiment").rows_written
+    erased = erase_expired_text(lake, cfg.social.text_retention_days)
     s = scored.agg(
         F.count("*").alias("posts"), F.sum(F.col("on_topic").cast("int")).alias("on_topic"),
         F.sum((F.col("on_topic") & F.col("counted")).cast("int")).alias("counted_on_topic"),
         F.sum((F.col("region").isNotNull()).cast("int")).alias("placed")).first()
     assert s is not None  # an aggregate has one row
-    summary = s.asDict()
     scored.unpersist()
-    summary.update({"model": social.model, "model_hash": model_hash, "text_erased": erased})
+    summary = {**s.asDict(), "model": cfg.social.model, "model_hash": job.model_hash, "text_erased": erased}
     log.info("social.sentiment: %s", summary)
     return summary
 

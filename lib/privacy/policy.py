@@ -1,7 +1,7 @@
 """The disclosure-control policy (conf/privacy.yaml): loading, validation, approval, hash.
 
 The floor and the list of who may approve a policy are the platform's, not the
-policy's: they come from the operator-owned platform file (``conf/platform.yaml``,
+policy's: they come from the operator-owned platform file (``conf/operator/platform.yaml``,
 or the file named by the environment variable ``MIGRALAKE_PLATFORM_POLICY``), which
 no job option or ``--set`` can name. A policy may raise the floor, never lower it.
 
@@ -32,7 +32,7 @@ from lib.config import PROJECT_ROOT
 from lib.privacy.guard import GUARD_VERSION
 
 PLATFORM_ENV = "MIGRALAKE_PLATFORM_POLICY"
-DEFAULT_PLATFORM = PROJECT_ROOT / "conf" / "platform.yaml"
+DEFAULT_PLATFORM = PROJECT_ROOT / "conf" / "operator" / "platform.yaml"
 
 
 class PolicyError(ValueError):
@@ -116,7 +116,7 @@ def load_policy(path: str | Path) -> Policy:
 
 
 def load_platform(env: dict[str, str] | None = None) -> Platform:
-    """The operator's platform rules: ``$MIGRALAKE_PLATFORM_POLICY`` or conf/platform.yaml."""
+    """The operator's platform rules: ``$MIGRALAKE_PLATFORM_POLICY`` or conf/operator/platform.yaml."""
     env = dict(os.environ) if env is None else env
     path = Path(env.get(PLATFORM_ENV) or DEFAULT_PLATFORM)
     platform, text = _read_model(path, f"platform rules (set by the operator; {PLATFORM_ENV})", Platform)
