@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from lib.config import CONF_DIR
-from lib.privacy import guard
+from lib.privacy import guard, noise
 from lib.privacy.policy import PolicyError, effective, load_platform, load_policy, policy_hash, snapshot
 
 OD = [("A", "A", 100), ("A", "B", 12), ("A", "C", 40), ("B", "A", 30), ("B", "B", 200), ("B", "C", 50),
@@ -97,16 +97,24 @@ def test_published_counts_at_or_below_threshold_are_reported() -> None:
     assert problems[:2] == ["1 published cells at or below 15", "1 published margins at or below 15"]
 
 
-def test_noise_and_rounding_are_reproducible_and_scaled() -> None:
+def test_noise_is_opendp_scaled_by_the_slice_sensitivity_and_not_seeded_from_the_data() -> None:
     values = np.full(20_000, 1000)
-    a = guard.perturb(values, rounding_base=None, noise={"mechanism": "laplace", "epsilon": 0.5, "sensitivity": 2},
-                      seed=7)
-    b = guard.perturb(values, rounding_base=None, noise={"mechanism": "laplace", "epsilon": 0.5, "sensitivity": 2},
-                      seed=7)
-    assert (a == b).all()
-    # Laplace(scale = 2 / 0.5 = 4): mean absolute deviation 4.
-    assert abs(np.abs(a - 1000).mean() - 4.0) < 0.15
-    r = guard.perturb(np.array([12, 17, 24, 25, 1001]), rounding_base=5, noise=None, seed=0)
+    spec = {"mechanism": "laplace", "epsilon": 0.5, "contributions_per_slice": 1}
+    a = guard.perturb(values, rounding_base=None, noise=spec, n_margins=1)
+    b = guard.perturb(values, rounding_base=None, noise=spec, n_margins=1)
+    assert not (a == b).all()  # OS randomness: the same inputs do not give the same noise
+    # one person changes a cell and one margin: L1 sensitivity 2, discrete Laplace scale 2 / 0.5 = 4
+    assert abs(np.abs(a - 1000).mean() - 4.0) < 0.2 and a.dtype == np.int64
+    two = guard.perturb(values, rounding_base=None, noise={**spec, "contributions_per_slice": 2}, n_margins=1)
+    assert abs(np.abs(two - 1000).mean() - 8.0) < 0.4  # two cells per person: twice the scale
+    assert (guard.perturb(np.zeros(1000, dtype=np.int64), rounding_base=None, noise=spec) >= 0).all()
+    # The cost of a release composes over its slices (a person can be in each): n x epsilon for Laplace,
+    # less than that for the Gaussian (zCDP), and exactly the slice's (epsilon, delta) for one slice.
+    assert noise.release_cost("laplace", 0.5, None, 1, 3, 28) == noise.Cost(14.0, 0.0)
+    one = noise.release_cost("gaussian", 1.0, 1e-6, 1, 3, 1)
+    many = noise.release_cost("gaussian", 1.0, 1e-6, 1, 3, 28)
+    assert abs(one.epsilon - 1.0) < 1e-3 and one.delta == 1e-6 and 1.0 < many.epsilon < 28.0
+    r = guard.perturb(np.array([12, 17, 24, 25, 1001]), rounding_base=5, noise=None)
     assert r.tolist() == [10, 15, 25, 25, 1000]
     cells = pd.DataFrame({"unit": ["x", "y"], "n": [17, 500]})
     p = guard.protect(cells, ["unit"], "n", 15, rounding_base=5)

@@ -147,7 +147,7 @@ def test_slices_guarded_on_spark_do_not_depend_on_the_partitioning(spark: SparkS
     try:
         for parts in ("1", "4"):
             spark.conf.set("spark.sql.shuffle.partitions", parts)
-            g = slices.guard_all(df.repartition(int(parts)), OD_TYPE, seed="s")
+            g = slices.guard_all(df.repartition(int(parts)), OD_TYPE)
             cells = g.cells().toPandas().sort_values(["date", "origin", "destination"]).reset_index(drop=True)
             margins = g.margins().toPandas().sort_values(["date", "margin", "key"]).reset_index(drop=True)
             results.append((cells, margins, g.content, g.totals))
@@ -173,4 +173,4 @@ def test_a_slice_that_cannot_be_guarded_names_the_slice_and_publishes_nothing(sp
                        "n_subscribers": [50, 40, 60, -4, 30]})
     with pytest.raises(slices.SliceError, match=r"slice \{'date': '2024-03-02', 'spatial_unit': 'admin2'\}: "
                                                r"n_subscribers must be a non-negative integer"):
-        slices.guard_all(spark.createDataFrame(od), OD_TYPE, seed="s")
+        slices.guard_all(spark.createDataFrame(od), OD_TYPE)

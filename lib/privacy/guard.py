@@ -28,7 +28,6 @@ null count: never silently zero.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -288,33 +287,17 @@ def _round(values: np.ndarray, base: int) -> np.ndarray:
     return (np.floor(values / base + 0.5) * base).astype(np.int64)
 
 
-def seed_for(*parts: object) -> int:
-    """A reproducible seed from the release's inputs (same inputs and policy, same noise)."""
-    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big")
-
-
-def perturb(
-    values: np.ndarray,
-    *,
-    rounding_base: int | None,
-    noise: dict | None,
-    seed: int,
-) -> np.ndarray:
-    """Optional noise (Laplace or Gaussian, scale from sensitivity / epsilon), then rounding."""
-    out = values.astype(float)
+def perturb(values: np.ndarray, *, rounding_base: int | None, noise: dict | None, n_margins: int = 0) -> np.ndarray:
+    """Optional OpenDP noise (discrete Laplace or Gaussian at the slice's sensitivity; lib/privacy/noise.py),
+    then rounding."""
+    out = values.astype(np.int64)
     if noise:
-        rng = np.random.default_rng(seed)
-        eps = float(noise["epsilon"])
-        sens = float(noise.get("sensitivity", 1))
-        if noise.get("mechanism", "laplace") == "laplace":
-            out = out + rng.laplace(0.0, sens / eps, size=len(out))
-        else:  # analytic Gaussian bound for (epsilon, delta)
-            delta = float(noise["delta"])
-            sigma = sens * math.sqrt(2 * math.log(1.25 / delta)) / eps
-            out = out + rng.normal(0.0, sigma, size=len(out))
-        out = np.maximum(np.rint(out), 0)
+        from lib.privacy import noise as dp_noise
+
+        out = dp_noise.add(out, noise.get("mechanism", "laplace"), float(noise["epsilon"]), noise.get("delta"),
+                           int(noise.get("contributions_per_slice", 1)), n_margins)
     if rounding_base:
-        out = _round(out, rounding_base)
+        out = _round(out.astype(float), rounding_base)
     return out.astype(np.int64)
 
 
@@ -347,7 +330,6 @@ def protect(
     *,
     rounding_base: int | None = None,
     noise: dict | None = None,
-    seed: int = 0,
     method: str = "auto",
 ) -> Protected:
     """Guard one slice; returns cells and margins with status and published counts.
@@ -385,7 +367,7 @@ def protect(
     released = np.flatnonzero(status == RELEASED)
     n_noise = 0
     if (rounding_base or noise) and len(released):
-        new = perturb(values[released], rounding_base=rounding_base, noise=noise, seed=seed)
+        new = perturb(values[released], rounding_base=rounding_base, noise=noise, n_margins=len(margins))
         published[released] = new
         low = released[new <= threshold]  # too small to publish after noise: withheld (post-processing)
         status[low] = NOISE

@@ -47,7 +47,10 @@ class NoiseSpec(_Model):
     mechanism: Literal["laplace", "gaussian"] = "laplace"
     epsilon: float = Field(gt=0)
     delta: float | None = Field(None, gt=0, lt=1)
-    sensitivity: float = Field(1.0, gt=0)  # L1 (Laplace) / L2 (Gaussian) contributions of one person
+    # Cells one person can be counted in within one slice (the source table's contract; lib/privacy/noise.py
+    # derives the L1 / L2 sensitivity of a slice's cells and margins from it). Noise is OpenDP's, per slice,
+    # and a release costs the composition over its slices.
+    contributions_per_slice: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _delta(self) -> NoiseSpec:

@@ -43,7 +43,7 @@ from pyspark.sql import types as T
 
 from lib import publish
 from lib.config import Config
-from lib.privacy import audit, ledger, signing, slices
+from lib.privacy import audit, ledger, noise, signing, slices
 from lib.privacy.hooks import ReleaseHooks, hooks_for
 from lib.privacy.policy import (
     Platform,
@@ -249,7 +249,7 @@ def release(spark: SparkSession, cfg: Config, release_type: str, requester: str 
         with stage(f"release.guard {release_type}") as st:
             prepare = hooks.prepare
             try:
-                guarded = slices.guard_all(df, res.rt, seed=res.phash,
+                guarded = slices.guard_all(df, res.rt,
                                            prepare=(lambda f: prepare(cfg, res.rt, f)) if prepare else None)
             except slices.SliceError as exc:
                 raise ReleaseError(f"release {release_type}: {exc}") from None
@@ -264,9 +264,10 @@ def release(spark: SparkSession, cfg: Config, release_type: str, requester: str 
                          earlier["release_id"])
                 return {"release_id": earlier["release_id"], "path": earlier["exports_path"],
                         "counts": guarded.totals, "new": False}
-            if res.rt.noise:
+            cost = noise_cost(res.rt, guarded.totals.get("slices", 1))
+            if cost is not None:
                 try:
-                    ledger.check(lake, res.policy, res.rt.source, res.rt.noise, f"release {release_type}")
+                    ledger.check(lake, res.policy, res.rt.source, cost, f"release {release_type}")
                 except ledger.BudgetExceeded as exc:
                     raise ReleaseError(str(exc)) from None
             publication = Publication(cfg, lake, res, hooks, signer, guarded, version, src_spec.description,
@@ -274,6 +275,14 @@ def release(spark: SparkSession, cfg: Config, release_type: str, requester: str 
             return publication.publish(requester, override_reason, mac)
         finally:
             guarded.release()
+
+
+def noise_cost(rt: ReleaseType, n_slices: int) -> noise.Cost | None:
+    """The composed privacy cost of a noised release of ``n_slices`` slices (None without noise)."""
+    if rt.noise is None:
+        return None
+    return noise.release_cost(rt.noise.mechanism, rt.noise.epsilon, rt.noise.delta, rt.noise.contributions_per_slice,
+                              len(rt.margins), n_slices)
 
 
 @dataclass
@@ -313,8 +322,9 @@ class Publication:
                             "files and audit record only, not in the shared export tables", name,
                             rt.suppress_at_or_below, self.res.platform.floor)
             st.rows_out = self.guarded.totals.get("cells_in", 0)
-            if rt.noise:
-                ledger.charge(self.lake, rt.source, release_id, created, rt.noise)
+            cost = noise_cost(rt, self.guarded.totals.get("slices", 1))
+            if cost is not None:
+                ledger.charge(self.lake, rt.source, release_id, created, cost)
             start, end = self.cfg.period.start, self.cfg.period.end
             audit.append(self.lake, {
                 "release_id": release_id, "created_at": created.replace(tzinfo=None),
@@ -367,7 +377,12 @@ class Publication:
                  files: dict[str, str], extras: dict[str, Any]) -> dict[str, Any]:
         rt, res = self.res.rt, self.res
         start, end = self.cfg.period.start, self.cfg.period.end
-        noise = f"{rt.noise.mechanism} noise (epsilon {rt.noise.epsilon})" if rt.noise else None
+        cost = noise_cost(rt, self.guarded.totals.get("slices", 1))
+        noised = (f"OpenDP discrete {rt.noise.mechanism} noise per slice (epsilon {rt.noise.epsilon}"
+                  + (f", delta {rt.noise.delta}" if rt.noise.delta else "") + f", at most "
+                  f"{rt.noise.contributions_per_slice} cell(s) per person per slice; the release costs epsilon "
+                  f"{cost.epsilon:.4g}" + (f", delta {cost.delta:.3g}" if cost.delta else "") + ")"
+                  if rt.noise and cost else None)
         return {
             "release_id": release_id,
             "created_at": created.isoformat(),
@@ -382,7 +397,7 @@ class Publication:
             "dimensions": {"slice_by": rt.slice_by, "cells": rt.cells, "margins": rt.margins,
                            "count_column": rt.count_column, "measures": rt.measures},
             "data_dictionary": publish.data_dictionary(rt.slice_by, rt.cells, rt.measures, rt.count_column,
-                                                       rt.suppress_at_or_below, rt.rounding_base, noise,
+                                                       rt.suppress_at_or_below, rt.rounding_base, noised,
                                                        self.source_desc),
             "counts": slices.public_counts(self.guarded.totals),
             "files": files,

@@ -90,7 +90,7 @@ def digest(frame: pd.DataFrame) -> str:
     return hashlib.sha256(pd.util.hash_pandas_object(canon, index=False).to_numpy().tobytes()).hexdigest()
 
 
-def guard_slice(pdf: pd.DataFrame, rt: ReleaseType, schema_names: list[str], seed: str,
+def guard_slice(pdf: pd.DataFrame, rt: ReleaseType, schema_names: list[str],
                 prepare: Prepare | None) -> pd.DataFrame:
     """Guard one slice (all rows share the slice columns); cells, margins and one summary row."""
     started = time.perf_counter()
@@ -108,8 +108,7 @@ def guard_slice(pdf: pd.DataFrame, rt: ReleaseType, schema_names: list[str], see
         summary["digest"] = digest(frame)
         noise = rt.noise.model_dump() if rt.noise else None
         p = guard.protect(frame[dims + [rt.count_column]], dims, rt.count_column, rt.suppress_at_or_below,
-                          rt.margins, rounding_base=rt.rounding_base, noise=noise,
-                          seed=guard.seed_for(seed, summary["digest"], *key))
+                          rt.margins, rounding_base=rt.rounding_base, noise=noise)
         if not (rt.noise or rt.rounding_base):
             # Belt and braces: the attacker's check on exactly what will be published, before anything is.
             found = guard.check_published(p.cells, p.margins, dims, rt.count_column, rt.suppress_at_or_below,
@@ -153,7 +152,7 @@ def guard_slice(pdf: pd.DataFrame, rt: ReleaseType, schema_names: list[str], see
     return out[schema_names]
 
 
-def guard_all(df: DataFrame, rt: ReleaseType, seed: str, prepare: Prepare | None = None) -> Guarded:
+def guard_all(df: DataFrame, rt: ReleaseType, prepare: Prepare | None = None) -> Guarded:
     """Guard every slice of ``df`` on the executors; collects the per-slice summaries only.
 
     Raises SliceError (naming the slice and reason) when any slice cannot be guarded.
@@ -168,7 +167,7 @@ def guard_all(df: DataFrame, rt: ReleaseType, seed: str, prepare: Prepare | None
     cols = list(dict.fromkeys([*group, *df.columns]))
 
     def fn(pdf: pd.DataFrame) -> pd.DataFrame:
-        return guard_slice(pdf.drop(columns=["_slice"], errors="ignore"), rt, names, seed, prepare)
+        return guard_slice(pdf.drop(columns=["_slice"], errors="ignore"), rt, names, prepare)
 
     rows = df.select(*cols).groupBy(*group).applyInPandas(fn, schema=schema).persist()
     summaries = [json.loads(r[SUMMARY]) for r in rows.filter(F.col(ROW) == "summary").select(SUMMARY).collect()]
