@@ -39,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["list", "verify", "report"])
     parser.add_argument("release_id", nargs="?")
     parser.add_argument("--public-key", default=None, metavar="FILE",
-                        help="the platform's release signing public key (hex, a file or the value) to check "
-                             "signatures against; default MIGRALAKE_SIGNING_PUBLIC_KEY or the configured key")
+                        help="the platform's release signing public keys (a file with one hex key a line, or the "
+                             "hex) to check signatures against; default MIGRALAKE_SIGNING_PUBLIC_KEY or the "
+                             "configured key")
 
 
 def audit_row(lake: Lakehouse, release_id: str) -> dict[str, Any] | None:
@@ -133,7 +134,7 @@ def run(spark: SparkSession, cfg: Config, args: argparse.Namespace) -> int:
         print(f"migralake: {exc}")
         return 2
     results = verify_release(lake, folder, args.release_id, spark, trusted)
-    results.append(("trusted key", True, origin if trusted is None else f"key {signing.fingerprint(trusted)} "
+    results.append(("trusted key", True, origin if trusted is None else f"keys {signing.describe(trusted)} "
                     f"from {origin}"))
     passed = all(ok for _, ok, _ in results)
     if args.action == "verify":

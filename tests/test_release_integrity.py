@@ -37,7 +37,7 @@ class Crash(BaseException):
     """Stands for the process dying: no handler of the release code catches it."""
 
 
-def trusted() -> str | None:
+def trusted() -> frozenset[str] | None:
     key, _ = signing.trusted_public_key(config(Path("/nonexistent")).privacy)
     return key
 
@@ -237,7 +237,7 @@ def test_deleted_reordered_or_forged_audit_rows_fail_verify(spark: SparkSession,
         elif attack == "reorder":
             assert "does not link" in bad["audit chain"] and "UPDATE" in bad["audit history"]
         else:
-            assert "not the trusted key" in bad["audit chain"] and "audit history" not in bad
+            assert "not a trusted key" in bad["audit chain"] and "audit history" not in bad
 
 
 CHAIN_FIELDS = ("seq", "prev_hash", "row_hash", "row_signature", "public_key")
@@ -317,3 +317,23 @@ def test_release_ids_are_no_oracle_for_withheld_values(spark: SparkSession, base
     assert macs[12] != macs[13]
     # The ids: type, date, nonce. The same inputs in another lakehouse get another id.
     assert ids[12] != first["release_id"] and ids[12].rsplit("-", 1)[0] == first["release_id"].rsplit("-", 1)[0]
+
+
+def test_a_rotated_signing_key_verifies_with_a_keyring_of_both(tmp_path: Path) -> None:
+    old, new = (signing.Signer(Ed25519PrivateKey.generate(), n) for n in ("old", "new"))
+    rows, prev = [], audit.GENESIS
+    for i, signer in enumerate((old, new, new), start=1):
+        row = {"release_id": f"r{i}", "created_at": None, "seq": i, "prev_hash": prev, "public_key": signer.public_hex}
+        row["row_hash"] = audit.row_hash(row)
+        row["row_signature"] = signer.sign(row["row_hash"].encode())
+        rows.append(row)
+        prev = row["row_hash"]
+    ring = tmp_path / "keys.pub"
+    ring.write_text(f"{old.public_hex}\n{new.public_hex}\n")
+    keys, origin = signing.trusted_public_key(config(tmp_path).privacy, str(ring))
+    assert keys == {old.public_hex, new.public_hex} and origin.startswith("--public-key")
+    assert audit.check_chain(rows, keys).ok
+    only_new = audit.check_chain(rows, frozenset({new.public_hex}))
+    assert not only_new.ok and "r1: signed with key" in only_new.detail and "r2" not in only_new.detail
+    with pytest.raises(signing.SigningKeyError, match="not a 32-byte Ed25519 key"):
+        signing.trusted_public_key(config(tmp_path).privacy, "abcd")

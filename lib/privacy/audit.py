@@ -137,7 +137,7 @@ class ChainCheck:
     detail: str
 
 
-def check_chain(rows: Iterable[dict[str, Any]], trusted_key: str | None) -> ChainCheck:
+def check_chain(rows: Iterable[dict[str, Any]], trusted_key: signing.Keyring | None) -> ChainCheck:
     """Sequence without gaps, each row linked to the previous, each hash recomputed and signed."""
     ordered = sorted(rows, key=lambda r: (r["seq"] is None, r["seq"] or 0, str(r["created_at"])))
     problems: list[str] = []
@@ -156,9 +156,9 @@ def check_chain(rows: Iterable[dict[str, Any]], trusted_key: str | None) -> Chai
             problems.append(f"{rid}: its fields do not match its hash (the row was edited)")
         if not signing.verify(r["public_key"] or "", str(r["row_hash"]).encode(), r["row_signature"] or ""):
             problems.append(f"{rid}: the row's signature is not valid for its public key")
-        elif trusted_key and r["public_key"] != trusted_key:
-            problems.append(f"{rid}: signed with key {signing.fingerprint(r['public_key'])}, not the trusted "
-                            f"key {signing.fingerprint(trusted_key)}")
+        elif trusted_key and r["public_key"] not in trusted_key:
+            problems.append(f"{rid}: signed with key {signing.fingerprint(r['public_key'])}, not a trusted "
+                            f"key ({signing.describe(trusted_key)})")
         keys.add(str(r["public_key"]))
         prev = str(r["row_hash"])
     if problems:
@@ -166,7 +166,7 @@ def check_chain(rows: Iterable[dict[str, Any]], trusted_key: str | None) -> Chai
                                                             else ""))
     who = ", ".join(signing.fingerprint(k) for k in sorted(keys)) or "none"
     return ChainCheck(True, f"{len(ordered)} rows linked and signed (key {who}"
-                      + (", the trusted key)" if trusted_key else "; no trusted key pinned)"))
+                      + (", trusted)" if trusted_key else "; no trusted key pinned)"))
 
 
 def check_history(lake: Lakehouse) -> ChainCheck:

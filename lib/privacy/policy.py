@@ -59,6 +59,33 @@ class NoiseSpec(_Model):
         return self
 
 
+class Relation(_Model):
+    """Cells whose additive measure adds up across slices (lib/privacy/relations.py).
+
+    ``level``: rows whose ``columns`` all hold ``total`` are the totals of the rows sharing every other key
+    (language ``all`` over the languages; ``national`` over the regions). ``week``: rows with
+    ``period_column`` = ``total`` sum the rows with ``part`` of the same week of ``column``. ``exact``: the
+    total equals the sum (else it is at least the sum: posts with no place count only nationally, a week
+    reaching outside the release has days that are not in it).
+    """
+
+    kind: Literal["level", "week"]
+    total: str
+    columns: list[str] = Field(default_factory=list)
+    column: str | None = None
+    period_column: str | None = None
+    part: str | None = None
+    exact: bool = True
+
+    @model_validator(mode="after")
+    def _fields(self) -> Relation:
+        if self.kind == "level" and not self.columns:
+            raise ValueError("a level relation needs columns")
+        if self.kind == "week" and not (self.column and self.period_column and self.part):
+            raise ValueError("a week relation needs column, period_column and part")
+        return self
+
+
 class ReleaseType(_Model):
     source: str
     count_column: str
@@ -72,6 +99,9 @@ class ReleaseType(_Model):
     min_h3_resolution_sensitive: int | None = Field(None, ge=0, le=15)
     # Columns released with each cell (e.g. km2 of change) and withheld with it: never summed into margins.
     measures: list[str] = Field(default_factory=list)
+    # A measure that adds up across slices (e.g. posts over languages and days) and how: guarded across slices.
+    additive: str | None = None
+    relations: list[Relation] = Field(default_factory=list)
     owner: str
 
 

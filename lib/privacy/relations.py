@@ -77,17 +77,24 @@ def equations(cells: pd.DataFrame, keys: Sequence[str], relations: Sequence[Any]
             rest = [k for k in keys if k not in (rel.column, rel.period_column)]
             is_total = (frame[rel.period_column].astype(str) == rel.total).to_numpy()
             is_part = (frame[rel.period_column].astype(str) == rel.part).to_numpy()
-            week = frame[rel.column].map(_week_start).astype(str)
+            starts = frame[rel.column].map(_week_start)
             base = frame[rest].astype(str).agg("|".join, axis=1) if rest else pd.Series("", index=frame.index)
-            group = base + "|" + week
+            group = base + "|" + starts.astype(str)
             group = group.where(is_total | is_part, None)
+            # A week whose seven days all lie within the days the release covers is their exact sum: the
+            # attacker knows that (absent days had no posts), whatever the policy says.
+            days = pd.to_datetime(frame.loc[is_part, rel.column]).dt.date
+            first, last = (days.min(), days.max()) if len(days) else (None, None)
+            exact_week = {g: bool(rel.exact or (first is not None and ws >= first and ws + timedelta(days=6) <= last))
+                          for g, ws in zip(group[is_total], starts[is_total], strict=True)}
         totals = {g: i for i, g in zip(np.flatnonzero(is_total), group[is_total], strict=True)}
         parts: dict[str, list[int]] = {}
         for i in np.flatnonzero(~np.asarray(is_total)):
             g = group.iloc[i]
             if g is not None and g in totals:
                 parts.setdefault(g, []).append(int(i))
-        out += [Equation(totals[g], tuple(p), bool(rel.exact)) for g, p in parts.items()]
+        exact = exact_week if rel.kind == "week" else {}
+        out += [Equation(int(totals[g]), tuple(p), exact.get(g, bool(rel.exact))) for g, p in parts.items()]
     return out
 
 
@@ -99,66 +106,105 @@ class Finding:
 
 
 def attack(values: np.ndarray, withheld: np.ndarray, eqs: Sequence[Equation], threshold: int,
-           only: Sequence[int] | None = None) -> list[Finding]:
+           only: Sequence[int] | np.ndarray | None = None, truth: np.ndarray | None = None) -> list[Finding]:
     """Withheld rows (of ``only``, default all withheld) whose measure the published values pin, or keep at or
-    below ``threshold``. ``values`` holds the measure (ignored where withheld)."""
-    from scipy.optimize import linprog
+    below ``threshold``. ``values`` holds the measure (ignored where withheld).
 
-    held = np.flatnonzero(withheld)
-    if len(held) == 0:
-        return []
-    var = {int(r): j for j, r in enumerate(held)}
-    a_eq: list[np.ndarray] = []
-    b_eq: list[float] = []
-    a_ub: list[np.ndarray] = []
-    b_ub: list[float] = []
-    touched: dict[int, set[int]] = {}
+    The withheld cells fall into groups that share equations; each group is one small linear program (HiGHS),
+    solved for the largest and the smallest value of each target. With ``truth`` (the guard knows the true
+    values, a feasible point) one of the two programs is usually enough: the largest value is at least the
+    true one, the smallest at most."""
+    from scipy.optimize import linprog
+    from scipy.sparse import csr_matrix
+
+    held = set(np.flatnonzero(withheld).tolist())
+    wanted = set(int(r) for r in (only if only is not None else sorted(held))) & held
+    # Groups of withheld cells linked by equations (union-find); published-only equations must add up.
+    parent: dict[int, int] = {r: r for r in held}
+
+    def find(r: int) -> int:
+        while parent[r] != r:
+            parent[r] = parent[parent[r]]
+            r = parent[r]
+        return r
+
+    by_group: dict[int, list[Equation]] = {}
     for e in eqs:
-        members = [e.total, *e.parts]
-        if not any(m in var for m in members):
+        members = [m for m in (e.total, *e.parts) if m in held]
+        if not members:
+            gap = float(values[e.total]) - sum(float(values[p]) for p in e.parts)
+            if (e.exact and abs(gap) > 1e-6) or gap < -1e-6:
+                raise RelationError("the published cells contradict the relations (they do not add up)")
             continue
-        row = np.zeros(len(held))
-        const = 0.0  # total - sum(parts) = 0 (or >= 0), split into variables and known values
-        for m, sign in [(e.total, 1.0)] + [(p, -1.0) for p in e.parts]:
-            if m in var:
-                row[var[m]] += sign
-            else:
-                const += sign * float(values[m])
-        if e.exact:
-            a_eq.append(row)
-            b_eq.append(-const)
-        else:  # total - parts >= 0  <=>  -(row . x) <= const
-            a_ub.append(-row)
-            b_ub.append(const)
-        ids = {var[m] for m in members if m in var}
-        for j in ids:
-            touched.setdefault(j, set()).update(ids)
-    targets = [int(r) for r in (only if only is not None else held) if int(r) in var]
+        for m in members[1:]:
+            parent[find(m)] = find(members[0])
+    for e in eqs:
+        members = [m for m in (e.total, *e.parts) if m in held]
+        if members:
+            by_group.setdefault(find(members[0]), []).append(e)
     findings = []
-    kw: dict[str, Any] = {"bounds": [(1, None)] * len(held), "method": "highs"}
-    if a_eq:
-        kw.update(A_eq=np.array(a_eq), b_eq=np.array(b_eq))
-    if a_ub:
-        kw.update(A_ub=np.array(a_ub), b_ub=np.array(b_ub))
-    for r in targets:
-        j = var[r]
-        if j not in touched:
-            continue  # in no equation: unbounded above
-        c = np.zeros(len(held))
-        c[j] = -1.0
-        hi = linprog(c, **kw)
-        if hi.status == 2:
-            raise RelationError("the published cells contradict the relations (they do not add up)")
-        high = np.inf if hi.status == 3 else -float(hi.fun)
-        if high <= threshold + 1e-9:
-            findings.append(Finding(r, 1.0, high))
+    for group_eqs in by_group.values():
+        cols = sorted({m for e in group_eqs for m in (e.total, *e.parts) if m in held})
+        targets = [r for r in cols if r in wanted]
+        if not targets:
             continue
-        c[j] = 1.0
-        lo = linprog(c, **kw)
-        low = float(lo.fun) if lo.status == 0 else 1.0
-        if high - low < 0.5:
-            findings.append(Finding(r, low, high))
-    return findings
+        var = {r: j for j, r in enumerate(cols)}
+        eq_rows: list[dict[int, float]] = []
+        eq_b: list[float] = []
+        ub_rows: list[dict[int, float]] = []
+        ub_b: list[float] = []
+        for e in group_eqs:
+            coef: dict[int, float] = {}
+            const = 0.0  # total - sum(parts) = 0 (or >= 0), split into variables and known values
+            for m, sign in [(e.total, 1.0)] + [(p, -1.0) for p in e.parts]:
+                if m in var:
+                    coef[var[m]] = coef.get(var[m], 0.0) + sign
+                else:
+                    const += sign * float(values[m])
+            if e.exact:
+                eq_rows.append(coef)
+                eq_b.append(-const)
+            else:  # total - parts >= 0  <=>  -(coef . x) <= const
+                ub_rows.append({j: -v for j, v in coef.items()})
+                ub_b.append(const)
+        kw: dict[str, Any] = {"bounds": [(1, None)] * len(cols), "method": "highs"}
+        for name, rows_, b_ in (("eq", eq_rows, eq_b), ("ub", ub_rows, ub_b)):
+            if rows_:
+                data = [v for r_ in rows_ for v in r_.values()]
+                ri = [i for i, r_ in enumerate(rows_) for _ in r_]
+                ci = [j for r_ in rows_ for j in r_]
+                kw[f"A_{name}"] = csr_matrix((data, (ri, ci)), shape=(len(rows_), len(cols)))
+                kw[f"b_{name}"] = np.array(b_)
+        for r in targets:
+            c = np.zeros(len(cols))
+            known = float(truth[r]) if truth is not None else None
+            c[var[r]] = 1.0
+            low: float | None = None
+            if known is not None and known > threshold:
+                lo = linprog(c, **kw)
+                _feasible(lo)
+                low = float(lo.fun)
+                if low < known - 0.5:
+                    continue  # above the threshold at the truth, and can be lower: wide
+            c[var[r]] = -1.0
+            hi = linprog(c, **kw)
+            _feasible(hi)
+            high = np.inf if hi.status == 3 else -float(hi.fun)
+            if high > threshold + 1e-9 and (high == np.inf or (known is not None and high > known + 0.5)):
+                continue
+            if low is None:
+                c[var[r]] = 1.0
+                lo = linprog(c, **kw)
+                _feasible(lo)
+                low = float(lo.fun)
+            if high <= threshold + 1e-9 or high - low < 0.5:
+                findings.append(Finding(r, round(low, 6), round(high, 6)))
+    return sorted(findings, key=lambda f: f.row)
+
+
+def _feasible(result: Any) -> None:
+    if result.status == 2:
+        raise RelationError("the published cells contradict the relations (they do not add up)")
 
 
 def protect(values: np.ndarray, withheld: np.ndarray, primary: np.ndarray, eqs: Sequence[Equation],
@@ -192,11 +238,12 @@ def protect(values: np.ndarray, withheld: np.ndarray, primary: np.ndarray, eqs: 
         rounds += 1
         if rounds > max_rounds:
             raise RelationError("the relations need more rounds of suppression than allowed")
-    targets = np.flatnonzero(primary & held)
+    targets = np.flatnonzero(held)  # complementary cells must not be pinned either
     while True:
-        found = attack(values, held, eqs, threshold, only=targets)
+        found = attack(values, held, eqs, threshold, only=targets, truth=values)
         if not found:
             return held
+        picked = []
         for f in found:
             members = sorted({m for e in by_row.get(f.row, []) for m in (e.total, *e.parts)})
             pick = cheapest(members)
@@ -204,8 +251,10 @@ def protect(values: np.ndarray, withheld: np.ndarray, primary: np.ndarray, eqs: 
                 raise RelationError(f"row {f.row}: every cell of its relations is already withheld and its "
                                     f"measure is still within [{f.low:g}, {f.high:g}]")
             held[pick] = True
-        # Withholding more only widens the attacker's bounds: the rows that passed stay passed.
-        targets = np.array([f.row for f in found])
+            picked.append(pick)
+        # Withholding more only widens the attacker's bounds: the rows that passed stay passed; the rows just
+        # withheld are checked too.
+        targets = np.array(sorted({f.row for f in found} | set(picked)))
         rounds += 1
         if rounds > max_rounds:
             raise RelationError("the relations need more rounds of suppression than allowed")

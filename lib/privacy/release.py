@@ -43,7 +43,7 @@ from pyspark.sql import types as T
 
 from lib import publish
 from lib.config import Config
-from lib.privacy import audit, ledger, noise, signing, slices
+from lib.privacy import audit, guard, ledger, noise, relations, signing, slices
 from lib.privacy.hooks import ReleaseHooks, hooks_for
 from lib.privacy.policy import (
     Platform,
@@ -59,6 +59,7 @@ from lib.privacy.policy import (
 )
 from lib.privacy.pseudonym import load_key
 from lib.runtime import log, stage
+from lib.spark import from_pandas, to_pandas
 from lib.tables import Lakehouse, TableError, TableSpec, register, spec
 
 CITATION = ("{title}. migralake release {release_id} ({created}). Aggregated with disclosure control "
@@ -253,6 +254,8 @@ def release(spark: SparkSession, cfg: Config, release_type: str, requester: str 
                                            prepare=(lambda f: prepare(cfg, res.rt, f)) if prepare else None)
             except slices.SliceError as exc:
                 raise ReleaseError(f"release {release_type}: {exc}") from None
+            if res.rt.relations:
+                guarded = across_slices(df, res.rt, guarded)
             st.rows_in = guarded.totals.get("cells_in", 0)
             st.rows_out = guarded.totals.get("cells_released", 0)
             st.notes.update({k: v for k, v in guarded.totals.items() if k.startswith("withheld") or k == "slices"})
@@ -275,6 +278,34 @@ def release(spark: SparkSession, cfg: Config, release_type: str, requester: str 
             return publication.publish(requester, override_reason, mac)
         finally:
             guarded.release()
+
+
+def across_slices(df: DataFrame, rt: ReleaseType, guarded: slices.Guarded) -> slices.Guarded:
+    """Withhold more where the policy's relations let a withheld cell's additive measure be recovered or bounded
+    across slices (lib/privacy/relations.py). Runs on the driver over the release's cells (types with relations
+    are small: thousands of cells)."""
+    if not rt.additive:
+        raise ReleaseError(f"the relations of {rt.source} need the additive measure they sum (policy: additive)")
+    keys = [*rt.slice_by, *rt.cells]
+    source = to_pandas(df.select(*keys, rt.count_column, rt.additive))
+    status = to_pandas(guarded.cells().select(*keys, "status"))
+    frame = source.merge(status, on=keys, how="inner", validate="one_to_one")
+    if len(frame) != len(source):
+        raise ReleaseError(f"{rt.source}: {len(source) - len(frame)} cells lost between the guard and the relations")
+    eqs = relations.equations(frame, keys, rt.relations)
+    held0 = (frame["status"] != guard.RELEASED).to_numpy()
+    primary = (frame[rt.count_column] <= rt.suppress_at_or_below).to_numpy()
+    try:
+        held = relations.protect(frame[rt.additive].to_numpy(dtype=float), held0, primary, eqs,
+                                 rt.suppress_at_or_below)
+    except relations.RelationError as exc:
+        raise ReleaseError(f"{rt.source}: {exc}") from None
+    extra = frame.loc[held & ~held0, keys]
+    log.info("release: %d equations across slices; %d more cells withheld", len(eqs), len(extra))
+    if extra.empty:
+        return guarded
+    schema = T.StructType([df.schema[k] for k in keys])
+    return guarded.also_withhold(from_pandas(df.sparkSession, extra, schema), keys, rt)
 
 
 def noise_cost(rt: ReleaseType, n_slices: int) -> noise.Cost | None:

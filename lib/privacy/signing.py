@@ -98,21 +98,36 @@ def load_signer(settings: PrivacySettings, env: dict[str, str] | None = None) ->
     return Signer(_private_from_text(raw, origin), origin)
 
 
+Keyring = frozenset[str]  # trusted public keys (hex): the platform's key and any it was rotated from
+
+
 def trusted_public_key(settings: PrivacySettings, given: str | None = None,
-                       env: dict[str, str] | None = None) -> tuple[str | None, str]:
-    """The public key a reviewer trusts, and where it came from: ``given`` (a file or hex), else
-    MIGRALAKE_SIGNING_PUBLIC_KEY, else the public half of the configured private key; else (None, why)."""
+                       env: dict[str, str] | None = None) -> tuple[Keyring | None, str]:
+    """The public keys a reviewer trusts, and where they came from: ``given`` (a file with one hex key a line,
+    or the hex itself), else MIGRALAKE_SIGNING_PUBLIC_KEY (keys separated by commas or spaces), else the public
+    half of the configured private key; else (None, why)."""
     env = dict(os.environ) if env is None else env
     if given:
         p = Path(given)
-        text = p.read_text(encoding="utf-8").strip() if p.exists() else given.strip()
-        return _check_public(text, f"--public-key {given}"), f"--public-key {given}"
+        text = p.read_text(encoding="utf-8") if p.exists() else given
+        return _keyring(text, f"--public-key {given}"), f"--public-key {given}"
     if env.get(PUBLIC_KEY_ENV):
-        return _check_public(env[PUBLIC_KEY_ENV], PUBLIC_KEY_ENV), PUBLIC_KEY_ENV
+        return _keyring(env[PUBLIC_KEY_ENV], PUBLIC_KEY_ENV), PUBLIC_KEY_ENV
     if env.get(settings.signing_key_env) or settings.signing_key_file:
         signer = load_signer(settings.model_copy(update={"signing_demo_generate": False}), env)
-        return signer.public_hex, f"the platform's signing key ({signer.origin})"
+        return frozenset({signer.public_hex}), f"the platform's signing key ({signer.origin})"
     return None, "no trusted key given (audit verify --public-key FILE or MIGRALAKE_SIGNING_PUBLIC_KEY)"
+
+
+def _keyring(text: str, origin: str) -> Keyring:
+    keys = [k for k in text.replace(",", " ").split() if k]
+    if not keys:
+        raise SigningKeyError(f"public key from {origin}: empty")
+    return frozenset(_check_public(k, origin) for k in keys)
+
+
+def describe(keys: Keyring) -> str:
+    return ", ".join(fingerprint(k) for k in sorted(keys))
 
 
 def _check_public(text: str, origin: str) -> str:

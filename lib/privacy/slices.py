@@ -58,6 +58,34 @@ class Guarded:
         if self.persisted is not None:
             self.persisted.unpersist()
 
+    def also_withhold(self, extra: DataFrame, keys: list[str], rt: ReleaseType) -> Guarded:
+        """The same release with the cells of ``extra`` (its ``keys``: slice and cell columns) withheld too:
+        status withheld, count and measures empty; counted as complementary in the totals and per slice."""
+        marked = extra.select(*keys).withColumn("_more", F.lit(True))
+        cond = [self.rows[k].eqNullSafe(marked[k]) for k in keys]
+        joined = self.rows.join(marked, on=cond, how="left").select(self.rows["*"], marked["_more"])
+        more = (F.col(ROW) == "cell") & F.col("_more").isNotNull()
+        rows = joined.withColumn("status", F.when(more, F.lit(WITHHELD)).otherwise(F.col("status")))
+        for c in [rt.count_column, *rt.measures]:
+            rows = rows.withColumn(c, F.when(more, F.lit(None).cast(joined.schema[c].dataType)).otherwise(F.col(c)))
+        rows = rows.select(*self.rows.columns)
+        n = extra.count()
+        by_slice: dict[str, int] = {}
+        for r in extra.groupBy(*rt.slice_by).count().collect() if rt.slice_by else []:
+            k = json.dumps({c: str(r[c]) for c in rt.slice_by}, sort_keys=True)
+            by_slice[k] = int(r["count"])
+        per_slice = []
+        for s_ in self.per_slice:
+            k = json.dumps({c: str(s_[c]) for c in rt.slice_by}, sort_keys=True)
+            add = by_slice.get(k, 0)
+            per_slice.append({**s_, "withheld_complementary": s_.get("withheld_complementary", 0) + add,
+                              "cells_released": s_.get("cells_released", 0) - add})
+        totals = dict(self.totals)
+        for key, delta in (("withheld_complementary", n), ("withheld", n), ("withheld_across_slices", n),
+                           ("cells_released", -n)):
+            totals[key] = totals.get(key, 0) + delta
+        return Guarded(rows, per_slice, totals, self.content, self.persisted)
+
     def cells(self) -> DataFrame:
         return self.rows.filter(F.col(ROW) == "cell").drop(ROW, SUMMARY, "margin", "key")
 

@@ -31,7 +31,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from lib import publish
-from lib.privacy import audit, guard, signing
+from lib.privacy import audit, guard, relations, signing
 from lib.tables import Lakehouse, TableError
 
 BATCH = 65_536
@@ -43,11 +43,11 @@ Check = tuple[str, bool, str]
 
 
 def verify_files(folder: Path, audit_files: dict[str, str] | None = None,
-                 spark: SparkSession | None = None, trusted_key: str | None = None) -> list[Check]:
+                 spark: SparkSession | None = None, trusted_key: signing.Keyring | None = None) -> list[Check]:
     """(check, passed, detail) for a published release folder.
 
     With ``spark``, the attacker check runs one task per slice on the executors (a national release in
-    minutes); without, slice after slice in this process. With ``trusted_key`` (hex), the manifest must be
+    minutes); without, slice after slice in this process. With ``trusted_key`` (hex keys), the manifest must be
     signed by that key; without, by the key published beside it (the detail says it is not pinned).
     """
     results: list[tuple[str, bool, str]] = []
@@ -157,6 +157,8 @@ def verify_files(folder: Path, audit_files: dict[str, str] | None = None,
     add("attacker intervals", not leaks, "every withheld cell's interval is wide (upper bound above the "
         f"threshold, not a single value) across {n_slices} slices" if not leaks
         else "; ".join(leaks[:5]) + (f" (+{len(leaks) - 5} more)" if len(leaks) > 5 else ""))
+    if rules.get("relations"):
+        add(*relations_check(folder, rules, slice_by, cell_dims, threshold))
     add("no identifiers", not found, "no text value looks like a phone number or a pseudonym" if not found
         else "; ".join(f"{k}: {v} values" for k, v in sorted(found.items())))
     return results
@@ -238,7 +240,7 @@ def attacker_check_on_spark(spark: SparkSession, folder: Path, slice_by: list[st
 
 
 
-def signature_check(folder: Path, manifest: dict[str, Any], trusted_key: str | None) -> Check:
+def signature_check(folder: Path, manifest: dict[str, Any], trusted_key: signing.Keyring | None) -> Check:
     """manifest.sig is a valid Ed25519 signature of manifest.json by the published key (and the trusted one)."""
     sig_path, key_path = folder / "manifest.sig", folder / "signing_key.pub"
     if not sig_path.exists() or not key_path.exists():
@@ -248,16 +250,16 @@ def signature_check(folder: Path, manifest: dict[str, Any], trusted_key: str | N
         return "signature", False, "signing_key.pub is not the key the manifest names"
     if not signing.verify(published, (folder / "manifest.json").read_bytes(), sig_path.read_text().strip()):
         return "signature", False, "manifest.sig is not a valid signature of manifest.json"
-    if trusted_key and published != trusted_key:
-        return "signature", False, (f"signed with key {signing.fingerprint(published)}, not the trusted key "
-                                    f"{signing.fingerprint(trusted_key)}")
+    if trusted_key and published not in trusted_key:
+        return "signature", False, (f"signed with key {signing.fingerprint(published)}, not a trusted key "
+                                    f"({signing.describe(trusted_key)})")
     return "signature", True, (f"manifest.json signed with key {signing.fingerprint(published)}"
-                               + (" (the trusted key)" if trusted_key else
+                               + (" (a trusted key)" if trusted_key else
                                   " (published with the release; no trusted key pinned: audit verify --public-key)"))
 
 
 def verify_release(lake: Lakehouse, folder: Path, release_id: str, spark: SparkSession | None,
-                   trusted_key: str | None) -> list[Check]:
+                   trusted_key: signing.Keyring | None) -> list[Check]:
     """:func:`verify_files` plus the audit record, its signed chain and history, and the export tables."""
     row = audit.find(lake, release_id=release_id)
     audit_files = json.loads(row["files_json"]) if row else None
@@ -334,3 +336,29 @@ def _exists(lake: Lakehouse, name: str) -> bool:
         return lake.exists(name)
     except TableError:  # an export table of a type this run did not register: look at its folder
         return False
+
+
+def relations_check(folder: Path, rules: dict[str, Any], slice_by: list[str], cell_dims: list[str],
+                    threshold: int) -> Check:
+    """The attacker across slices: the policy's relations over the additive measure of the published cells."""
+    from lib.privacy.policy import Relation
+
+    measure = rules.get("additive")
+    rels = [Relation.model_validate(r) for r in rules["relations"]]
+    cells = pd.read_parquet(folder / "cells.parquet")
+    if not measure or measure not in cells.columns:
+        return "across slices", False, f"the policy's additive measure {measure!r} is not in the cells"
+    keys = [*slice_by, *cell_dims]
+    try:
+        eqs = relations.equations(cells, keys, rels)
+        held = (cells["status"] != "released").to_numpy()
+        found = relations.attack(pd.to_numeric(cells[measure]).fillna(0).to_numpy(dtype=float), held, eqs,
+                                 threshold)
+    except relations.RelationError as exc:
+        return "across slices", False, str(exc)
+    if found:
+        shown = "; ".join(f"{dict(zip(keys, map(str, cells.loc[f.row, keys]), strict=True))}: {measure} in "
+                          f"[{f.low:g}, {f.high:g}]" for f in found[:3])
+        return "across slices", False, f"{len(found)} withheld cells recovered or bounded: {shown}"
+    return "across slices", True, (f"{measure} of every withheld cell stays wide under {len(eqs)} equations "
+                                   "across slices")
