@@ -77,7 +77,11 @@ def test_hostile_cdr_rows_are_quarantined_by_reason_and_raw_ids_never_stored(
                    CdrInput(path=str(tmp_path / "in" / "liar"), event_type="sms")],
         "cells_path": str(tmp_path / "cells.csv"),
         "admin_paths": {"admin2": str(tmp_path / "admin2.geojson")}})})
+    stale = tmp_path / "lake" / "_staging" / "cdr_ingest-0123abcd"  # left by an ingest that was killed
+    stale.mkdir(parents=True)
+    (stale / "part-00000.parquet").write_bytes(b"x" * 1000)
     cdr_ingest.run(spark, cfg)
+    assert not stale.exists() and list((tmp_path / "lake" / "_staging").iterdir()) == []  # and this run's too
     lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
     bronze = lake.read("bronze.cdr_events").count()
     q = lake.read("quarantine.cdr_events").toPandas()

@@ -37,13 +37,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from lib import publish
 from lib.config import Config
-from lib.privacy import audit, guard, ledger, noise, relations, signing, slices
+from lib.privacy import audit, guard, ledger, noise, overlap, relations, signing, slices
 from lib.privacy.hooks import ReleaseHooks, hooks_for
 from lib.privacy.policy import (
     Platform,
@@ -267,6 +268,7 @@ def release(spark: SparkSession, cfg: Config, release_type: str, requester: str 
                          earlier["release_id"])
                 return {"release_id": earlier["release_id"], "path": earlier["exports_path"],
                         "counts": guarded.totals, "new": False}
+            check_earlier(lake, res, guarded)
             cost = noise_cost(res.rt, guarded.totals.get("slices", 1))
             if cost is not None:
                 try:
@@ -306,6 +308,42 @@ def across_slices(df: DataFrame, rt: ReleaseType, guarded: slices.Guarded) -> sl
         return guarded
     schema = T.StructType([df.schema[k] for k in keys])
     return guarded.also_withhold(from_pandas(df.sparkSession, extra, schema), keys, rt)
+
+
+def check_earlier(lake: Lakehouse, res: Resolved, guarded: slices.Guarded) -> None:
+    """Refuse, naming the earlier release, when this release and an earlier one of the same type give away
+    together what neither does alone (lib/privacy/overlap.py), over the slices they share."""
+    rt = res.rt
+    if not overlap.exact(res.snap["rules"]) or not lake.exists(audit.RELEASES.name):
+        return
+    earlier = lake.read(audit.RELEASES.name).filter(F.col("release_type") == res.release_type).collect()
+    mine = {overlap.slice_key(s_, rt.slice_by) for s_ in guarded.per_slice}
+    dims = slices.dims_of(rt)
+    cols = [*rt.slice_by, *dims, rt.count_column]
+    new: dict[str, pd.DataFrame] | None = None
+    for row in sorted(earlier, key=lambda r: r["seq"] or 0):
+        rules = json.loads(row["policy_json"])["rules"]
+        folder = Path(row["exports_path"])
+        if not overlap.exact(rules) or not (folder / "cells.parquet").exists():
+            if overlap.exact(rules):
+                log.warning("release %s: the files of earlier release %s are missing; not compared",
+                            res.release_type, row["release_id"])
+            continue
+        old = {"cells": pd.read_parquet(folder / "cells.parquet"), "margins": pd.read_parquet(folder / "margins.parquet")}
+        theirs = {tuple(map(str, k)) for k in old["cells"][rt.slice_by].drop_duplicates().itertuples(index=False)} \
+            if rt.slice_by else {()}
+        if not theirs & mine:
+            continue
+        if new is None:  # this release's cells and margins, read once, only when some earlier release overlaps
+            new = {"cells": to_pandas(guarded.cells().select(*cols)),
+                   "margins": to_pandas(guarded.margins().select(*rt.slice_by, "margin", "key", rt.count_column))}
+        found = overlap.compare(old, new, rt.slice_by, dims, rt.count_column, rules["margins"], rt.margins,
+                                max(int(rules["suppress_at_or_below"]), rt.suppress_at_or_below))
+        if found:
+            raise ReleaseError(
+                f"release {res.release_type}: together with the earlier release {row['release_id']} (threshold "
+                f"{rules['suppress_at_or_below']}) it would give away withheld cells: " + "; ".join(found[:3])
+                + (f" (+{len(found) - 3} more)" if len(found) > 3 else "") + ". Nothing was published.")
 
 
 def noise_cost(rt: ReleaseType, n_slices: int) -> noise.Cost | None:

@@ -157,6 +157,7 @@ def verify_files(folder: Path, audit_files: dict[str, str] | None = None,
     add("attacker intervals", not leaks, "every withheld cell's interval is wide (upper bound above the "
         f"threshold, not a single value) across {n_slices} slices" if not leaks
         else "; ".join(leaks[:5]) + (f" (+{len(leaks) - 5} more)" if len(leaks) > 5 else ""))
+    add(*releases_check(folder, manifest))
     if rules.get("relations"):
         add(*relations_check(folder, rules, slice_by, cell_dims, threshold))
     add("no identifiers", not found, "no text value looks like a phone number or a pseudonym" if not found
@@ -362,3 +363,42 @@ def relations_check(folder: Path, rules: dict[str, Any], slice_by: list[str], ce
         return "across slices", False, f"{len(found)} withheld cells recovered or bounded: {shown}"
     return "across slices", True, (f"{measure} of every withheld cell stays wide under {len(eqs)} equations "
                                    "across slices")
+
+
+def releases_check(folder: Path, manifest: dict[str, Any]) -> Check:
+    """This release against every other release of its type in the same exports folder, from their files."""
+    from lib.privacy import overlap
+
+    rules = manifest["policy"]["rules"]
+    dims = manifest["dimensions"]
+    if not overlap.exact(rules):
+        return "across releases", True, "not compared (noised or rounded counts are not exact)"
+    slice_by, n = dims["slice_by"], dims["count_column"]
+    cell_dims = list(dict.fromkeys([*dims["cells"], *(c for m in dims["margins"] for c in m
+                                                      if c not in dims["cells"])]))
+    mine: dict[str, pd.DataFrame] | None = None
+    found: list[str] = []
+    compared = 0
+    for other in sorted(folder.parent.glob("*/manifest.json")):
+        if other.parent == folder or other.parent.name.endswith(".partial"):
+            continue
+        try:
+            theirs = json.loads(other.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if theirs.get("release_type") != manifest.get("release_type") or not overlap.exact(theirs["policy"]["rules"]):
+            continue
+        if mine is None:
+            mine = {"cells": pd.read_parquet(folder / "cells.parquet"),
+                    "margins": pd.read_parquet(folder / "margins.parquet")}
+        them = {"cells": pd.read_parquet(other.parent / "cells.parquet"),
+                "margins": pd.read_parquet(other.parent / "margins.parquet")}
+        compared += 1
+        threshold = max(int(rules["suppress_at_or_below"]), int(theirs["policy"]["rules"]["suppress_at_or_below"]))
+        found += [f"with {theirs['release_id']}: {p}" for p in overlap.compare(
+            them, mine, slice_by, cell_dims, n, theirs["dimensions"]["margins"], dims["margins"], threshold)]
+    if found:
+        return "across releases", False, "; ".join(found[:3]) + (f" (+{len(found) - 3} more)" if len(found) > 3
+                                                                  else "")
+    return "across releases", True, (f"nothing withheld is given away together with the {compared} other "
+                                     f"release(s) of {manifest.get('release_type')} in {folder.parent}")
