@@ -78,3 +78,28 @@ def test_the_union_attacker_finds_a_cell_left_alone_by_two_complement_patterns()
         assert guard.check_published(alone["cells"], alone["margins"], dims, "n", 15, specs) == []
     found = overlap.compare(one, two, [], dims, "n", specs, specs, 15)
     assert found and "('A', 'B')" in " ".join(found) and "[12, 12]" in " ".join(found)
+
+
+def test_two_sentiment_releases_that_each_hide_a_language_give_it_away_together() -> None:
+    """Each release withholds 'hi' with a different complement (fr, then en): together 'hi' = all - en - fr."""
+    from datetime import date
+
+    from lib.privacy.policy import Relation
+
+    week = date(2024, 3, 4)
+    posts = {"all": 300, "en": 200, "fr": 84, "hi": 16}
+    users = {"all": 150, "en": 100, "fr": 40, "hi": 12}
+
+    def published(withheld: set[str]) -> dict[str, pd.DataFrame]:
+        cells = pd.DataFrame([{"period": "week", "period_start": week, "spatial_unit": "admin1", "language": lang,
+                               "region": "R1", "n_users": None if lang in withheld else users[lang],
+                               "n_posts": None if lang in withheld else posts[lang]} for lang in posts])
+        return {"cells": cells, "margins": pd.DataFrame(columns=["period", "period_start", "spatial_unit",
+                                                                 "language", "margin", "key", "n_users"])}
+
+    slice_by = ["period", "period_start", "spatial_unit", "language"]
+    rels = [Relation(kind="level", columns=["language"], total="all")]
+    a, b = published({"hi", "fr"}), published({"hi", "en"})
+    assert overlap.compare(a, a, slice_by, ["region"], "n_users", [], [], 15, "n_posts", rels) == []
+    found = overlap.compare(a, b, slice_by, ["region"], "n_users", [], [], 15, "n_posts", rels)
+    assert len(found) == 1 and "'language': 'hi'" in found[0] and "n_posts in [16, 16]" in found[0]

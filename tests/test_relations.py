@@ -145,6 +145,12 @@ def test_a_sentiment_release_withholds_across_languages_and_verify_checks_it(spa
     folder = Path(out["path"])
     results = {c: (ok, d) for c, ok, d in verify_files(folder)}
     assert results["across slices"][0], results["across slices"]
+    # The same week under the strict profile withholds the same cells: compared with the first, allowed.
+    strict = rel.release(spark, cfg.model_copy(update={"privacy": cfg.privacy.model_copy(
+        update={"profile": "strict"})}), "social_sentiment")
+    assert strict["new"] and strict["release_id"] != out["release_id"]
+    checks = {c: (ok, d) for c, ok, d in verify_files(Path(strict["path"]))}
+    assert checks["across releases"][0] and "1 other release" in checks["across releases"][1]
     # Publishing fr again (as a forger would) lets 'hi' be subtracted out: verify fails.
     forged = pd.read_parquet(folder / "cells.parquet")
     forged.loc[forged["language"] == "fr", ["status", "n_posts"]] = ["released", 84]

@@ -74,16 +74,39 @@ def slice_key(row: dict[str, Any], slice_by: Sequence[str]) -> tuple[str, ...]:
     return tuple(str(row[c]) for c in slice_by)
 
 
+def across_slices(a_cells: pd.DataFrame, b_cells: pd.DataFrame, keys: list[str], additive: str,
+                  rels: Sequence[Any], threshold: int) -> list[str]:
+    """The relations' attacker (lib/privacy/relations.py) on everything two releases published of an additive
+    measure: a withheld language's posts may follow from 'all' minus languages the other release published."""
+    from lib.privacy import relations
+
+    both = a_cells[[*keys, additive]].merge(b_cells[[*keys, additive]], on=keys, how="outer", suffixes=("_a", "_b"))
+    va, vb = pd.to_numeric(both[f"{additive}_a"]), pd.to_numeric(both[f"{additive}_b"])
+    value = va.where(va.notna(), vb)
+    union = both[keys].assign(**{additive: value})
+    try:
+        eqs = relations.equations(union, keys, rels)
+        found = relations.attack(value.fillna(0).to_numpy(dtype=float), value.isna().to_numpy(), eqs, threshold)
+    except relations.RelationError as exc:
+        return [str(exc)]
+    return [f"{dict(zip(keys, map(str, union.loc[f.row, keys]), strict=True))}: {additive} in [{f.low:g}, "
+            f"{f.high:g}] from both releases' {additive}" for f in found]
+
+
 def compare(a: dict[str, Any], b: dict[str, Any], slice_by: Sequence[str], dims: Sequence[str], count: str,
-            specs_a: Sequence[Sequence[str]], specs_b: Sequence[Sequence[str]], threshold: int) -> list[str]:
-    """Findings over every slice two releases share. ``a`` and ``b``: {"cells": frame, "margins": frame} with
-    the slice columns; ``threshold``: the higher of the two."""
+            specs_a: Sequence[Sequence[str]], specs_b: Sequence[Sequence[str]], threshold: int,
+            additive: str | None = None, rels: Sequence[Any] = ()) -> list[str]:
+    """Findings over every slice two releases share, and across slices through the policy's relations.
+    ``a`` and ``b``: {"cells": frame, "margins": frame} with the slice columns; ``threshold``: the higher of
+    the two."""
     specs = [list(m) for m in dict.fromkeys(tuple(m) for m in [*specs_a, *specs_b])]
     out: list[str] = []
 
     def groups(frame: pd.DataFrame) -> dict[tuple[str, ...], pd.DataFrame]:
         if not slice_by:
             return {(): frame}
+        if frame.empty:
+            return {}
         keyed = frame.assign(_k=frame[list(slice_by)].astype(str).agg("|".join, axis=1))
         return {tuple(k.split("|")): g.drop(columns="_k") for k, g in keyed.groupby("_k", sort=True)}
 
@@ -94,4 +117,6 @@ def compare(a: dict[str, Any], b: dict[str, Any], slice_by: Sequence[str], dims:
         found = union_problems(ac[key], am.get(key, empty), bc[key], bm.get(key, empty), dims, count, threshold,
                                specs)
         out += [f"slice {dict(zip(slice_by, key, strict=True))}: {p}" for p in found]
+    if rels and additive and not out:
+        out += across_slices(a["cells"], b["cells"], [*slice_by, *dims], additive, rels, threshold)
     return out

@@ -335,10 +335,11 @@ def check_earlier(lake: Lakehouse, res: Resolved, guarded: slices.Guarded) -> No
         if not theirs & mine:
             continue
         if new is None:  # this release's cells and margins, read once, only when some earlier release overlaps
-            new = {"cells": to_pandas(guarded.cells().select(*cols)),
+            new = {"cells": to_pandas(guarded.cells().select(*cols, *([rt.additive] if rt.additive else []))),
                    "margins": to_pandas(guarded.margins().select(*rt.slice_by, "margin", "key", rt.count_column))}
         found = overlap.compare(old, new, rt.slice_by, dims, rt.count_column, rules["margins"], rt.margins,
-                                max(int(rules["suppress_at_or_below"]), rt.suppress_at_or_below))
+                                max(int(rules["suppress_at_or_below"]), rt.suppress_at_or_below),
+                                rt.additive, rt.relations)
         if found:
             raise ReleaseError(
                 f"release {res.release_type}: together with the earlier release {row['release_id']} (threshold "

@@ -368,6 +368,7 @@ def relations_check(folder: Path, rules: dict[str, Any], slice_by: list[str], ce
 def releases_check(folder: Path, manifest: dict[str, Any]) -> Check:
     """This release against every other release of its type in the same exports folder, from their files."""
     from lib.privacy import overlap
+    from lib.privacy.policy import Relation
 
     rules = manifest["policy"]["rules"]
     dims = manifest["dimensions"]
@@ -395,8 +396,10 @@ def releases_check(folder: Path, manifest: dict[str, Any]) -> Check:
                 "margins": pd.read_parquet(other.parent / "margins.parquet")}
         compared += 1
         threshold = max(int(rules["suppress_at_or_below"]), int(theirs["policy"]["rules"]["suppress_at_or_below"]))
+        rels = [Relation.model_validate(r) for r in rules.get("relations", [])]
         found += [f"with {theirs['release_id']}: {p}" for p in overlap.compare(
-            them, mine, slice_by, cell_dims, n, theirs["dimensions"]["margins"], dims["margins"], threshold)]
+            them, mine, slice_by, cell_dims, n, theirs["dimensions"]["margins"], dims["margins"], threshold,
+            rules.get("additive"), rels)]
     if found:
         return "across releases", False, "; ".join(found[:3]) + (f" (+{len(found) - 3} more)" if len(found) > 3
                                                                   else "")
