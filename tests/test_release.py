@@ -238,7 +238,18 @@ def test_presence_releases_whatever_other_levels_exist_in_gold(spark: SparkSessi
                "gold.cdr_presence_daily", period=(DAY1, DAY1), scope={"spatial_unit": "admin1"})
     out = release.release(spark, cfg, "cdr_presence")  # admin1 rows next to admin2 ones: not refused
     rows = lake.read("exports.cdr_presence").filter(f"release_id = '{out['release_id']}'").toPandas()
-    assert sorted(rows.loc[rows["spatial_unit"] == "admin1", "unit"]) == ["R1", "R2"]
-    assert (rows.loc[rows["spatial_unit"] == "admin1", "admin1"] == rows.loc[rows["spatial_unit"] == "admin1",
-                                                                              "unit"]).all()
-    assert out["counts"]["slices"] == 2 and verify(spark, cfg, out["release_id"]) == 0
+    assert set(rows["spatial_unit"]) == {"admin2"} and out["counts"]["slices"] == 1  # the run's level only
+    assert verify(spark, cfg, out["release_id"]) == 0
+    # Region R1 (209) is the sum of its districts: released at admin1 too, it would let R1-D1 (9) and the
+    # complement withheld with it be subtracted out. The other level of the same day is refused.
+    admin1 = cfg.model_copy(update={"cdr": cfg.cdr.model_copy(update={"spatial_unit": "admin1"})})
+    with pytest.raises(release.ReleaseError, match=rf"'date': '2024-03-04'\}} was published at spatial_unit "
+                                                   rf"\['admin2'\] by {out['release_id']}"):
+        release.release(spark, admin1, "cdr_presence")
+    # A day no release has published goes through at admin1.
+    lake.write(spark.createDataFrame([(DAY2, "admin1", "R1", 209, None), (DAY2, "admin1", "R2", 340, None)],
+                                     schema=spec("gold.cdr_presence_daily").schema),
+               "gold.cdr_presence_daily", period=(DAY2, DAY2), scope={"spatial_unit": "admin1"})
+    day2 = release.release(spark, admin1.model_copy(update={"period": admin1.period.model_copy(
+        update={"start": DAY2, "end": DAY2})}), "cdr_presence")
+    assert day2["new"] and day2["counts"]["slices"] == 1

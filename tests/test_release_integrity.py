@@ -273,6 +273,7 @@ def test_formula_looking_names_are_inert_in_csv_and_a_dollar_name_still_draws(
     lake.write(spark.createDataFrame([(DAY1, "admin1", u, n, None) for u, n in names.items()],
                                      schema=spec("gold.cdr_presence_daily").schema),
                "gold.cdr_presence_daily", period=(DAY1, DAY1), scope={"spatial_unit": "admin1"})
+    cfg = cfg.model_copy(update={"cdr": cfg.cdr.model_copy(update={"spatial_unit": "admin1"})})
     out = rel.release(spark, cfg, "cdr_presence")
     folder = Path(out["path"])
     text = (folder / "cells.csv").read_text() + (folder / "margins.csv").read_text()

@@ -62,4 +62,14 @@ def _draw(release_type: str, rt: ReleaseType, cells: pd.DataFrame, path: Any) ->
     return quicklook.draw(release_type, rt, cells, path)
 
 
-HOOKS = register("cdr", ReleaseHooks(parents=parents, polygons=polygons, draw=_draw))
+def one_level(cfg: Config, rt: ReleaseType, df: DataFrame) -> DataFrame:
+    """The rows at the spatial unit of this run (cdr.spatial_unit): one level per release. With the default
+    daily-location rule a region's count is the sum of its districts', so two levels of one day would let an
+    attacker subtract; the release refuses a day already published at another level."""
+    if "spatial_unit" not in df.columns:
+        return df
+    return df.filter(F.col("spatial_unit") == cfg.cdr.spatial_unit)
+
+
+HOOKS = register("cdr", ReleaseHooks(parents=parents, polygons=polygons, draw=_draw, rows=one_level,
+                                     level_column="spatial_unit"))

@@ -36,6 +36,10 @@ Polygons = Callable[["Config", "ReleaseType", pd.DataFrame], "tuple[Any, str, st
 Draw = Callable[[str, "ReleaseType", pd.DataFrame, Path], str]
 
 
+# (config, release type, source rows) -> the rows this release publishes (e.g. one spatial level)
+Rows = Callable[["Config", "ReleaseType", "DataFrame"], "DataFrame"]
+
+
 @dataclass(frozen=True)
 class ReleaseHooks:
     inputs: tuple[str, ...] = ()  # extra source columns ``prepare`` needs (dropped before the guard)
@@ -43,6 +47,10 @@ class ReleaseHooks:
     parents: Parents | None = None
     polygons: Polygons | None = None
     draw: Draw | None = None
+    rows: Rows | None = None
+    # A slice column whose values are levels of one hierarchy (counts at one level are sums of the next): the
+    # same slice is never published at two levels (lib/privacy/release.py refuses, naming the earlier release).
+    level_column: str | None = None
 
 
 _HOOKS: dict[str, ReleaseHooks] = {}

@@ -120,3 +120,11 @@ def compare(a: dict[str, Any], b: dict[str, Any], slice_by: Sequence[str], dims:
     if rels and additive and not out:
         out += across_slices(a["cells"], b["cells"], [*slice_by, *dims], additive, rels, threshold)
     return out
+
+
+def levels(keys: set[tuple[str, ...]], where: int) -> dict[tuple[str, ...], set[str]]:
+    """Slice keys grouped by everything but the level column at ``where``: {other values: {levels}}."""
+    out: dict[tuple[str, ...], set[str]] = {}
+    for k in keys:
+        out.setdefault(k[:where] + k[where + 1:], set()).add(k[where])
+    return out

@@ -225,6 +225,8 @@ def source_rows(lake: Lakehouse, cfg: Config, res: Resolved, hooks: ReleaseHooks
     if start and end and src_spec.period_column:
         df = df.filter(F.col(src_spec.period_column).between(F.lit(start), F.lit(end)))
     df = df.select(*dict.fromkeys([*rt.slice_by, *rt.cells, rt.count_column, *rt.measures, *hooks.inputs]))
+    if hooks.rows is not None:
+        df = hooks.rows(cfg, rt, df)
     if df.limit(1).count() == 0:
         raise ReleaseError(f"release {res.release_type}: {rt.source} has no rows for the period {start}..{end}")
     if rt.hierarchy:
@@ -268,7 +270,7 @@ def release(spark: SparkSession, cfg: Config, release_type: str, requester: str 
                          earlier["release_id"])
                 return {"release_id": earlier["release_id"], "path": earlier["exports_path"],
                         "counts": guarded.totals, "new": False}
-            check_earlier(lake, res, guarded)
+            check_earlier(lake, res, guarded, hooks.level_column)
             cost = noise_cost(res.rt, guarded.totals.get("slices", 1))
             if cost is not None:
                 try:
@@ -310,14 +312,37 @@ def across_slices(df: DataFrame, rt: ReleaseType, guarded: slices.Guarded) -> sl
     return guarded.also_withhold(from_pandas(df.sparkSession, extra, schema), keys, rt)
 
 
-def check_earlier(lake: Lakehouse, res: Resolved, guarded: slices.Guarded) -> None:
+def check_earlier(lake: Lakehouse, res: Resolved, guarded: slices.Guarded, level_column: str | None = None) -> None:
     """Refuse, naming the earlier release, when this release and an earlier one of the same type give away
-    together what neither does alone (lib/privacy/overlap.py), over the slices they share."""
+    together what neither does alone (lib/privacy/overlap.py), over the slices they share; and when a slice
+    is already published at another level of ``level_column`` (or this release holds two levels of it)."""
     rt = res.rt
-    if not overlap.exact(res.snap["rules"]) or not lake.exists(audit.RELEASES.name):
+    mine = {overlap.slice_key(s_, rt.slice_by) for s_ in guarded.per_slice}
+    at_level = level_column if level_column in rt.slice_by else None
+    if at_level:
+        where = rt.slice_by.index(at_level)
+        levels = overlap.levels(mine, where)
+        clash = [k for k, v in levels.items() if len(v) > 1]
+        if clash:
+            raise ReleaseError(f"release {res.release_type}: {dict(zip(rt.slice_by, clash[0], strict=False))} would "
+                               f"be published at {sorted(levels[clash[0]])}: one {at_level} per release")
+    if not lake.exists(audit.RELEASES.name):
         return
     earlier = lake.read(audit.RELEASES.name).filter(F.col("release_type") == res.release_type).collect()
-    mine = {overlap.slice_key(s_, rt.slice_by) for s_ in guarded.per_slice}
+    if at_level:
+        for row in earlier:
+            counts = json.loads(row["counts_json"])
+            theirs_levels = overlap.levels({overlap.slice_key(s_, rt.slice_by) for s_ in counts["per_slice"]}, where)
+            for key, lv in overlap.levels(mine, where).items():
+                other = theirs_levels.get(key, set()) - lv
+                if other:
+                    raise ReleaseError(
+                        f"release {res.release_type}: {dict(zip([c for c in rt.slice_by if c != at_level], key, strict=True))} "
+                        f"was published at {at_level} {sorted(other)} by {row['release_id']}; its counts are sums "
+                        f"of the other level's, so both levels together could give withheld cells away. Release "
+                        f"one {at_level} per slice. Nothing was published.")
+    if not overlap.exact(res.snap["rules"]):
+        return
     dims = slices.dims_of(rt)
     cols = [*rt.slice_by, *dims, rt.count_column]
     new: dict[str, pd.DataFrame] | None = None
