@@ -338,3 +338,16 @@ def test_a_rotated_signing_key_verifies_with_a_keyring_of_both(tmp_path: Path) -
     assert not only_new.ok and "r1: signed with key" in only_new.detail and "r2" not in only_new.detail
     with pytest.raises(signing.SigningKeyError, match="not a 32-byte Ed25519 key"):
         signing.trusted_public_key(config(tmp_path).privacy, "abcd")
+
+
+def test_an_empty_lock_left_by_a_process_that_died_is_taken_over(tmp_path: Path) -> None:
+    import os
+
+    lock = tmp_path / ".cdr_od.lock"
+    lock.write_text("")  # created, never written: the process died in between
+    with rel.exclusive(tmp_path, "cdr_od"):
+        assert lock.read_text().endswith(f" {os.getpid()}")
+        with pytest.raises(rel.ReleaseError, match="another release of cdr_od is running"), \
+                rel.exclusive(tmp_path, "cdr_od"):
+            pass  # the second holder must be refused before this
+    assert not lock.exists()

@@ -159,7 +159,8 @@ def exclusive(out_root: Path, release_type: str) -> Iterator[None]:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             host, _, pid = lock.read_text().partition(" ")
-            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            # empty: the process died between creating and writing it
+            if not host or (host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))):
                 log.warning("release %s: removing the lock of process %s, which no longer runs", release_type, pid)
                 lock.unlink(missing_ok=True)
                 continue
