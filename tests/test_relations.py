@@ -157,3 +157,26 @@ def test_a_sentiment_release_withholds_across_languages_and_verify_checks_it(spa
     forged.to_parquet(folder / "cells.parquet", index=False)
     bad = {c: d for c, ok, d in verify_files(folder) if not ok}
     assert "hi" in bad["across slices"] and "[16, 16]" in bad["across slices"]
+
+
+def test_verify_rebuilds_all_posts_from_the_ratio_and_checks_them_across_slices(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """posts_per_10k = n_posts / n_posts_all x 10,000 publishes n_posts_all of released cells: verify rebuilds
+    it and runs the relations' attacker on it too (here a doctored 'all' row leaves 16 posts for two cells)."""
+    from lib.privacy.verify import relations_check
+
+    week = date(2024, 3, 4)
+    rows = []
+    for lang, posts, every, status in (("all", 300, 2016, "released"), ("en", 200, 2000, "released"),
+                                       ("fr", None, None, "withheld"), ("hi", None, None, "withheld")):
+        rows.append({"period": "week", "period_start": week, "spatial_unit": "admin1", "language": lang,
+                     "region": "R1", "n_users": None if posts is None else posts // 2, "status": status,
+                     "n_posts": posts, "posts_per_10k": None if posts is None else posts / every * 10_000})
+    pd.DataFrame(rows).to_parquet(tmp_path / "cells.parquet", index=False)
+    rules = {"additive": "n_posts", "additive_via_ratio": {"n_posts_all": ["n_posts", "posts_per_10k", 10_000]},
+             "relations": [LANG.model_dump()]}
+    check, ok, detail = relations_check(tmp_path, rules, ["period", "period_start", "spatial_unit", "language"],
+                                        ["region"], 15)
+    assert not ok and "n_posts_all in [1, 15]" in detail  # n_posts alone (room 100) would have passed
+    rules["additive_via_ratio"] = {}
+    assert relations_check(tmp_path, rules, ["period", "period_start", "spatial_unit", "language"], ["region"],
+                           15)[1]

@@ -102,6 +102,9 @@ class ReleaseType(_Model):
     # A measure that adds up across slices (e.g. posts over languages and days) and how: guarded across slices.
     additive: str | None = None
     relations: list[Relation] = Field(default_factory=list)
+    # Other columns that add up the same way and are published through a ratio of released cells:
+    # {column: (numerator, ratio, scale)} where ratio = numerator / column * scale (so column follows from them).
+    additive_via_ratio: dict[str, tuple[str, str, float]] = Field(default_factory=dict)
     owner: str
 
 

@@ -98,6 +98,12 @@ def equations(cells: pd.DataFrame, keys: Sequence[str], relations: Sequence[Any]
     return out
 
 
+def at_least(eqs: Sequence[Equation]) -> list[Equation]:
+    """The same equations as inequalities (total >= parts): for a column whose rows are kept only where the
+    additive measure is positive (groups with none of it drop out, their share of the total with them)."""
+    return [Equation(e.total, e.parts, False) for e in eqs]
+
+
 @dataclass(frozen=True)
 class Finding:
     row: int

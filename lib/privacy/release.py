@@ -225,7 +225,8 @@ def source_rows(lake: Lakehouse, cfg: Config, res: Resolved, hooks: ReleaseHooks
     start, end = cfg.period.start, cfg.period.end
     if start and end and src_spec.period_column:
         df = df.filter(F.col(src_spec.period_column).between(F.lit(start), F.lit(end)))
-    df = df.select(*dict.fromkeys([*rt.slice_by, *rt.cells, rt.count_column, *rt.measures, *hooks.inputs]))
+    df = df.select(*dict.fromkeys([*rt.slice_by, *rt.cells, rt.count_column, *rt.measures, *hooks.inputs,
+                                   *rt.additive_via_ratio]))
     if hooks.rows is not None:
         df = hooks.rows(cfg, rt, df)
     if df.limit(1).count() == 0:
@@ -292,7 +293,7 @@ def across_slices(df: DataFrame, rt: ReleaseType, guarded: slices.Guarded) -> sl
     if not rt.additive:
         raise ReleaseError(f"the relations of {rt.source} need the additive measure they sum (policy: additive)")
     keys = [*rt.slice_by, *rt.cells]
-    source = to_pandas(df.select(*keys, rt.count_column, rt.additive))
+    source = to_pandas(df.select(*keys, rt.count_column, rt.additive, *rt.additive_via_ratio))
     status = to_pandas(guarded.cells().select(*keys, "status"))
     frame = source.merge(status, on=keys, how="inner", validate="one_to_one")
     if len(frame) != len(source):
@@ -303,6 +304,9 @@ def across_slices(df: DataFrame, rt: ReleaseType, guarded: slices.Guarded) -> sl
     try:
         held = relations.protect(frame[rt.additive].to_numpy(dtype=float), held0, primary, eqs,
                                  rt.suppress_at_or_below)
+        for column in rt.additive_via_ratio:  # published through a ratio: guarded the same way, from there on
+            held = relations.protect(frame[column].to_numpy(dtype=float), held, primary, relations.at_least(eqs),
+                                     rt.suppress_at_or_below)
     except relations.RelationError as exc:
         raise ReleaseError(f"{rt.source}: {exc}") from None
     extra = frame.loc[held & ~held0, keys]
