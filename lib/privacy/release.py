@@ -280,7 +280,7 @@ def release(spark: SparkSession, cfg: Config, release_type: str, requester: str 
                 except ledger.BudgetExceeded as exc:
                     raise ReleaseError(str(exc)) from None
             publication = Publication(cfg, lake, res, hooks, signer, guarded, version, src_spec.description,
-                                      (cells_spec, margins_spec), out_root)
+                                      (cells_spec, margins_spec), out_root, cost)
             return publication.publish(requester, override_reason, mac)
         finally:
             guarded.release()
@@ -399,6 +399,7 @@ class Publication:
     source_desc: str
     exports: tuple[TableSpec, TableSpec]
     out_root: Path
+    cost: noise.Cost | None  # the composed privacy cost of a noised release (checked against the budget)
 
     def publish(self, requester: str | None, override_reason: str | None, mac: str) -> dict[str, Any]:
         rt, name = self.res.rt, self.res.release_type
@@ -422,9 +423,8 @@ class Publication:
                             "files and audit record only, not in the shared export tables", name,
                             rt.suppress_at_or_below, self.res.platform.floor)
             st.rows_out = self.guarded.totals.get("cells_in", 0)
-            cost = noise_cost(rt, self.guarded.totals.get("slices", 1))
-            if cost is not None:
-                ledger.charge(self.lake, rt.source, release_id, created, cost)
+            if self.cost is not None:
+                ledger.charge(self.lake, rt.source, release_id, created, self.cost)
             start, end = self.cfg.period.start, self.cfg.period.end
             audit.append(self.lake, {
                 "release_id": release_id, "created_at": created.replace(tzinfo=None),
@@ -477,7 +477,7 @@ class Publication:
                  files: dict[str, str], extras: dict[str, Any]) -> dict[str, Any]:
         rt, res = self.res.rt, self.res
         start, end = self.cfg.period.start, self.cfg.period.end
-        cost = noise_cost(rt, self.guarded.totals.get("slices", 1))
+        cost = self.cost
         noised = (f"OpenDP discrete {rt.noise.mechanism} noise per slice (epsilon {rt.noise.epsilon}"
                   + (f", delta {rt.noise.delta}" if rt.noise.delta else "") + f", at most "
                   f"{rt.noise.contributions_per_slice} cell(s) per person per slice; the release costs epsilon "
