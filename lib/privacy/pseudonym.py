@@ -21,7 +21,6 @@ import logging
 import os
 import secrets
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,6 +28,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from lib.config import PseudonymSettings
+from lib.privacy.keyfiles import read_secret
 
 log = logging.getLogger("migralake.privacy")
 MIN_KEY_BYTES = 16
@@ -43,15 +43,7 @@ class PseudonymKeyError(RuntimeError):
 def load_key(settings: PseudonymSettings, env: dict[str, str] | None = None) -> bytes:
     """Return the HMAC key from the environment variable or the secrets file."""
     env = dict(os.environ) if env is None else env
-    raw = env.get(settings.key_env)
-    origin = f"environment variable {settings.key_env}"
-    if not raw and settings.key_file:
-        path = Path(settings.key_file)
-        try:
-            raw = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise PseudonymKeyError(f"pseudonym key file {path}: cannot read it ({exc})") from None
-        origin = f"key file {path}"
+    raw, origin = read_secret(env, settings.key_env, settings.key_file, "pseudonym key", PseudonymKeyError)
     if not raw:
         if settings.demo_generate:
             raw = secrets.token_hex(32)

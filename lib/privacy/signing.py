@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from lib.config import PrivacySettings
+from lib.privacy.keyfiles import read_secret
 
 log = logging.getLogger("migralake.privacy")
 PUBLIC_KEY_ENV = "MIGRALAKE_SIGNING_PUBLIC_KEY"
@@ -75,15 +76,8 @@ def _private_from_text(text: str, origin: str) -> Ed25519PrivateKey:
 def load_signer(settings: PrivacySettings, env: dict[str, str] | None = None) -> Signer:
     """The platform's signing key from the environment or the secrets file (see the module docstring)."""
     env = dict(os.environ) if env is None else env
-    raw = env.get(settings.signing_key_env)
-    origin = f"environment variable {settings.signing_key_env}"
-    if not raw and settings.signing_key_file:
-        path = Path(settings.signing_key_file)
-        try:
-            raw = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise SigningKeyError(f"signing key file {path}: cannot read it ({exc})") from None
-        origin = f"key file {path}"
+    raw, origin = read_secret(env, settings.signing_key_env, settings.signing_key_file, "signing key",
+                              SigningKeyError)
     if not raw:
         if not settings.signing_demo_generate:
             raise SigningKeyError(
