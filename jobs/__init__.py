@@ -23,6 +23,14 @@ JOBS: dict[str, tuple[str, str]] = {
         "jobs.remote_sensing.change",
         "Satellite scenes (two or more dates) -> settlement change per H3 cell and admin area (gold) + COG",
     ),
+    "remote_sensing.train": (
+        "jobs.remote_sensing.train",
+        "Labels + scenes -> a learned built-up classifier (model folder with data hashes and held-out scores)",
+    ),
+    "remote_sensing.accuracy": (
+        "jobs.remote_sensing.accuracy",
+        "Reference labels -> confusion matrix, user's/producer's accuracy, F1, area-adjusted km2 with 95% CI",
+    ),
     "social.ingest": (
         "jobs.social.ingest",
         "Post files (X API v2 JSON Lines or CSV) -> bronze.social_posts (pseudonymised) + quarantine",

@@ -48,6 +48,34 @@ def audit_row(lake: Lakehouse, release_id: str) -> dict[str, Any] | None:
     return audit.find(lake, release_id=release_id)
 
 
+def accuracy_html(manifest: dict[str, Any]) -> str:
+    """The layers' accuracy (settlement releases), or nothing when the release type has none."""
+    if "accuracy" not in manifest:
+        return ""
+    esc = html.escape
+    rows = manifest.get("accuracy") or []
+    if not rows:
+        return f"<h2>Accuracy</h2><p>{esc(str(manifest.get('accuracy_note', '')))}</p>"
+
+    def pm(r: dict[str, Any], key: str, pct: bool = True) -> str:
+        v, ci = r.get(key), r.get(key.replace("_accuracy", "") + "_ci95" if key != "adjusted_km2"
+                                  else "adjusted_km2_ci95")
+        if v is None:
+            return "n/a"
+        return f"{v:.1%} &plusmn; {ci:.1%}" if pct and ci is not None else (
+            f"{v:.3f} &plusmn; {ci:.3f}" if ci is not None else f"{v:.3f}")
+
+    body = "".join(
+        f"<tr><td>{esc(str(r.get('layer')))}</td><td>{esc(str(r.get('date')))}</td><td>{esc(str(r.get('classifier')))}"
+        f"</td><td>{r.get('n_reference', 0):,} ({r.get('n_reference_built', 0):,} built)</td>"
+        f"<td>{pm(r, 'overall_accuracy')}</td><td>{pm(r, 'users_accuracy')}</td><td>{pm(r, 'producers_accuracy')}</td>"
+        f"<td>{'n/a' if r.get('f1') is None else format(r['f1'], '.3f')}</td><td>{r.get('mapped_km2', 0):.3f}</td>"
+        f"<td>{pm(r, 'adjusted_km2', pct=False)}</td></tr>" for r in rows)
+    return ("<h2>Accuracy</h2><table><tr><th>layer</th><th>date</th><th>built-up rule</th><th>reference pixels</th>"
+            "<th>overall</th><th>user's (built)</th><th>producer's (built)</th><th>F1</th><th>mapped km2</th>"
+            f"<th>area-adjusted km2 (95%)</th></tr>{body}</table><p>{esc(str(manifest.get('accuracy_note', '')))}</p>")
+
+
 def report_html(release_id: str, folder: Path, row: dict[str, Any] | None,
                 results: list[tuple[str, bool, str]]) -> str:
     manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").exists() else {}
@@ -66,6 +94,7 @@ def report_html(release_id: str, folder: Path, row: dict[str, Any] | None,
     checks = "".join(f"<tr class={'ok' if ok else 'bad'}><td>{esc(c)}</td><td>{'PASS' if ok else 'FAIL'}</td>"
                      f"<td>{esc(d)}</td></tr>" for c, ok, d in results)
     override = manifest.get("override")
+    accuracy = accuracy_html(manifest)
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <title>migralake release {esc(release_id)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
@@ -97,7 +126,7 @@ tr.ok td:nth-child(2){{color:#060;font-weight:bold}}tr.bad td:nth-child(2){{colo
 <h2>Quick look</h2>{f'<img alt="quick-look plot" src="data:image/png;base64,{img}" style="max-width:100%">' if img
                     else '<p>no plot</p>'}
 <p>{esc(str(manifest.get('quicklook', '')))}</p>
-<h2>Verification checks</h2><table><tr><th>check</th><th>result</th><th>detail</th></tr>{checks}</table>
+{accuracy}<h2>Verification checks</h2><table><tr><th>check</th><th>result</th><th>detail</th></tr>{checks}</table>
 <p>Files: {esc(', '.join(sorted(manifest.get('files', {}))))}</p>
 </body></html>"""
 

@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(argv: Sequence[str]) -> int:
-    from lib.runtime import RUN, configure_logging
+    from lib.runtime import RUN, JobFailed, configure_logging
     from lib.spark import SetupError, get_spark
 
     configure_logging()
@@ -130,7 +130,12 @@ def _run(argv: Sequence[str]) -> int:
         return 3
     log.info("job %s: profile=%s master=%s lakehouse=%s", args.job, cfg.profile,
              spark.sparkContext.master, cfg.lakehouse.resolved_root())
-    result = module.run(spark, cfg, job_args) if job_args is not None else module.run(spark, cfg)
+    try:
+        result = module.run(spark, cfg, job_args) if job_args is not None else module.run(spark, cfg)
+    except JobFailed as exc:
+        log.error("job %s failed after %.1f s", args.job, time.perf_counter() - start)
+        print(f"migralake: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     log.info("job %s: done in %.1f s (%d stages)", args.job, time.perf_counter() - start, len(RUN.stages))
     return int(result) if isinstance(result, int) else 0
 

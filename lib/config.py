@@ -18,6 +18,7 @@ Reads no tables and writes none.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import tempfile
@@ -253,6 +254,11 @@ class SensorProfile(_Section):
 
     bands: dict[str, int] = Field(default_factory=dict)
     band_names: dict[str, str] = Field(default_factory=dict)
+    # Radiometric level of the values once scaled: sr surface reflectance (Level-2), toa top-of-atmosphere
+    # reflectance (Level-1 with the MTL coefficients), dn uncalibrated digital numbers (indices only),
+    # layer an external built-up layer. Scenes whose scaled values do not fit the level are caught.
+    level: Literal["sr", "toa", "dn", "layer"] = "sr"
+    mtl: bool = False  # Level-1: per-band REFLECTANCE_MULT/ADD and SUN_ELEVATION from a *_MTL.txt/.json
     scale: float = 1.0
     offset: float = 0.0
     nodata: float | None = None  # used when a file declares none
@@ -272,6 +278,50 @@ class SensorProfile(_Section):
         if self.mask and self.mask.role not in roles:
             raise ValueError(f"mask.role '{self.mask.role}' is not one of the band roles {sorted(roles)}")
         return self
+
+
+class LabelSpec(_Section):
+    """Labels of built-up and not built-up for one area and date (or pair of dates, for new built-up).
+
+    A raster (any CRS and resolution: read onto the scene grid by nearest neighbour) whose values in
+    ``builtup_values`` (or >= ``builtup_min``, for WSF/GHSL-like layers) are built-up and in
+    ``other_values`` not built-up (empty: every other valid value); or vector polygons / points
+    (GeoJSON, GeoPackage, CSV with lon, lat) with a ``class_column`` whose ``builtup_classes`` are built-up.
+    Pixels outside every label, or with the raster's nodata, are unlabelled.
+    """
+
+    path: ProjectPath
+    area: str = "default"
+    date: dt.date | None = None  # built-up at this date (layer builtup)
+    date_before: dt.date | None = None  # layer new_builtup: new between these dates
+    date_after: dt.date | None = None
+    layer: Literal["builtup", "new_builtup"] = "builtup"
+    builtup_values: list[float] = Field(default_factory=lambda: [1.0])
+    builtup_min: float | None = None
+    other_values: list[float] = Field(default_factory=list)
+    class_column: str = "class"
+    builtup_classes: list[str] = Field(default_factory=lambda: ["1", "built", "builtup", "built-up"])
+
+    @model_validator(mode="after")
+    def _dates(self) -> LabelSpec:
+        if self.layer == "builtup" and self.date is None:
+            raise ValueError(f"{self.path}: a built-up label needs its date")
+        if self.layer == "new_builtup" and (self.date_before is None or self.date_after is None):
+            raise ValueError(f"{self.path}: a new built-up label needs date_before and date_after")
+        return self
+
+
+class TrainSettings(_Section):
+    """Learned built-up (remote_sensing.train): gradient-boosted trees on bands, indices and texture."""
+
+    holdout: float = Field(0.3, ge=0, lt=1)  # share of spatial blocks held out to measure the model
+    block_px: int = Field(64, ge=8)  # side of one spatial block (pixels near each other stay together)
+    max_per_class_per_window: int = Field(4000, ge=10)  # training pixels sampled per class and window
+    trees: int = Field(200, ge=1)
+    leaves: int = Field(31, ge=2)
+    learning_rate: float = Field(0.05, gt=0)
+    seed: int = 0
+    models_dir: str = "models/builtup"  # under lakehouse.root unless absolute
 
 
 class SceneSpec(_Section):
@@ -296,6 +346,16 @@ class RemoteSensingSettings(_Section):
     resampling: Literal["nearest", "bilinear", "cubic", "average"] = "bilinear"
     sensitive_zones_path: ProjectPath | None = None  # polygons where H3 layers are coarsened (privacy.yaml)
     rasters_dir: str = "rasters"  # change rasters (COG) and quick-looks, under lakehouse.root
+    # Radiometric check: a scene where more than max_out_of_range of a band's valid pixels fall outside the
+    # physical range of its profile's level is quarantined (or processed with a warning: on_radiometry: warn).
+    on_radiometry: Literal["quarantine", "warn"] = "quarantine"
+    max_out_of_range: float = Field(0.02, ge=0, le=1)
+    # Built-up rule: "index" (the profile's NDBI/NDVI/MNDWI thresholds) or the folder of a model trained by
+    # remote_sensing.train (model.txt + model.json).
+    classifier: str = "index"
+    labels: list[LabelSpec] = Field(default_factory=list)  # training labels (remote_sensing.train)
+    reference: list[LabelSpec] = Field(default_factory=list)  # reference labels (remote_sensing.accuracy)
+    train: TrainSettings = Field(default_factory=lambda: TrainSettings())
 
     @model_validator(mode="after")
     def _known_sensors(self) -> RemoteSensingSettings:

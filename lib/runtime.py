@@ -18,6 +18,13 @@ from dataclasses import dataclass, field
 log = logging.getLogger("migralake")
 
 
+class JobFailed(RuntimeError):
+    """A job cannot go on for a reason its user can act on; the CLI prints the message (no traceback)
+    and exits with ``exit_code``. Whatever the job could record first (quarantine rows) is written."""
+
+    exit_code = 4
+
+
 def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger("migralake")
     if not any(getattr(h, "_migralake", False) for h in root.handlers):

@@ -831,9 +831,12 @@ SETTLEMENT_SCENES = _reg(
     schema=_fields(
         ("scene_id", S, False), ("area", S, False), ("date", D, False), ("sensor", S, False), ("path", S, False),
         ("crs", S, False), ("width", INT, False), ("height", INT, False), ("pixel_size_x", DBL, False),
-        ("pixel_size_y", DBL, False), ("band_files", S, False),
+        ("pixel_size_y", DBL, False), ("band_files", S, False), ("level", S, True), ("out_of_range", DBL, True),
+        ("radiometry", S, True), ("notes", S, True),
     ),
-    description="Scene catalogue: every usable scene with its grid and where each band role is read from.",
+    description="Scene catalogue: every usable scene with its grid, where each band role is read from (and how "
+    "it was found), its radiometric level, the largest share of a band's valid pixels outside that level's "
+    "physical range and the per-band figures, and notes (calibration used, warnings kept with on_radiometry: warn).",
     source="remote_sensing", owner_job="remote_sensing.change", keys=("scene_id",),
 )
 
@@ -843,10 +846,11 @@ SETTLEMENT_QUARANTINE = _reg(
         ("path", S, False), ("area", S, True), ("date", D, True), ("sensor", S, True),
         ("stage", S, False), ("reason", S, False),
     ),
-    description="Scenes that could not be opened or read (corrupt, truncated, missing band, wrong band count), "
-    "with the path, the stage that found it and the reason; the other scenes proceed.",
+    description="Scenes that could not be opened or read (corrupt, truncated, missing band, wrong band count) or "
+    "whose values do not fit their profile's radiometric level, with the path, the stage that found it and the "
+    "reason; the other scenes proceed.",
     source="remote_sensing", owner_job="remote_sensing.change",
-    constraints={"stage_known": "stage IN ('catalogue', 'tiling')"},
+    constraints={"stage_known": "stage IN ('catalogue', 'radiometry', 'tiling')"},
 )
 
 SETTLEMENT_TILES = _reg(
@@ -855,6 +859,7 @@ SETTLEMENT_TILES = _reg(
         *_PAIR[:3], ("window_id", S, False), ("row_off", INT, False), ("col_off", INT, False),
         ("height", INT, False), ("width", INT, False), ("n_pixels", L, False), ("n_pixels_valid", L, False),
         ("n_outside_admin", L, True), ("valid_fraction", DBL, False), ("worker_peak_rss_mb", DBL, True),
+        ("classifier", S, True),
     ),
     description="One row per processed window of a scene pair: valid-pixel fraction (quality) and pixels "
     "outside every admin area.",
@@ -882,6 +887,29 @@ SETTLEMENT_CHANGE_ADMIN = _reg(
     period_column="date_after", scope_columns=("area", "date_before", "level"),
     keys=("area", "date_before", "date_after", "level", "unit"),
     constraints=_CHANGE_CHECKS,
+)
+
+SETTLEMENT_ACCURACY = _reg(
+    name="gold.settlement_accuracy",
+    schema=_fields(
+        ("area", S, False), ("date_before", D, False), ("date_after", D, False), ("classifier", S, False),
+        ("layer", S, False), ("date", D, False), ("reference", S, False), ("reference_sha256", S, False),
+        ("n_reference", L, False), ("n_reference_built", L, False), ("n_mapped", L, False),
+        ("total_km2", DBL, False), ("mapped_km2", DBL, False), ("adjusted_km2", DBL, True),
+        ("adjusted_km2_ci95", DBL, True), ("overall_accuracy", DBL, True), ("overall_ci95", DBL, True),
+        ("users_accuracy", DBL, True), ("users_ci95", DBL, True), ("producers_accuracy", DBL, True),
+        ("producers_ci95", DBL, True), ("f1", DBL, True), ("confusion", S, False), ("assessed_at", TS, False),
+    ),
+    description="Accuracy of a settlement layer (built-up at a date, or new built-up over a pair) of one built-up "
+    "rule against one reference: the error matrix (map rows, reference columns), overall / user's / producer's "
+    "accuracy and F1 of the built-up class, and the area-adjusted built-up km2, each with its 95% interval "
+    "(Olofsson et al. 2014, map classes as strata). mapped_km2 is the map's own area of the class.",
+    source="remote_sensing", owner_job="remote_sensing.accuracy",
+    period_column="date_after", scope_columns=("area", "date_before"),
+    keys=("area", "date_before", "date_after", "classifier", "layer", "date", "reference"),
+    constraints={"layer_known": "layer IN ('builtup', 'new_builtup')",
+                 "reference_within": "n_reference_built <= n_reference",
+                 "accuracy_range": "overall_accuracy IS NULL OR overall_accuracy BETWEEN 0 AND 1"},
 )
 
 # --- Social media ------------------------------------------------------------------------

@@ -210,3 +210,46 @@ def admin_areas(scene: Path, folder: Path, prefix: str = "RS") -> dict[str, str]
         gpd.GeoDataFrame(rows, crs=4326).to_file(path, driver="GeoJSON")
         out[level] = str(path)
     return out
+
+
+# A town of mixed roofs and trees (rough texture, NDBI just below the index rule's threshold) and smooth bare
+# fields (NDBI well above it): the fixed index rule misses the first and takes the second for settlement.
+TOWN_SPECTRA = {
+    "roof": (95, 88, 92, 75, 80, 65),
+    "tree": (55, 50, 42, 85, 60, 30),
+    "bare": (90, 85, 95, 80, 110, 90),
+}
+
+
+def town_scene(path: Path, size: int, seed: int, crs: str = "EPSG:31985",
+               origin: tuple[float, float] = (288776.25, 9120760.75), pixel: float = 28.5) -> np.ndarray:
+    """A Landsat-7-like 6-band uint8 scene with water, vegetation, bare fields and mixed-texture towns.
+    Returns the truth (1 town = built-up, 0 not) on the scene grid."""
+    rows, cols = np.arange(size), np.arange(size)
+    water = _field(rows, cols, seed, 90.0) < -0.5
+    town = (_field(rows, cols, seed + 1, 30.0) > 0.3) & ~water
+    bare = (_field(rows, cols, seed + 2, 30.0) > 0.35) & ~water & ~town
+    rng = np.random.default_rng(seed)
+    roof = rng.random((size, size)) < 0.6
+    spectra = np.zeros((6, size, size))
+    spectra[:] = np.array(SPECTRA["vegetation"], dtype=np.float64)[:, None, None]
+    for mask, name in ((water, "water"), (bare, "bare"), (town & roof, "roof"), (town & ~roof, "tree")):
+        values = TOWN_SPECTRA.get(name) or SPECTRA[name]
+        spectra[:, mask] = np.array(values, dtype=np.float64)[:, None]
+    data = np.clip(np.rint(spectra + rng.normal(0, 2.0, spectra.shape)), 1, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=6, dtype="uint8", crs=crs,
+                       transform=rasterio.Affine(pixel, 0, origin[0], 0, -pixel, origin[1])) as dst:
+        dst.write(data)
+    return town.astype(np.uint8)
+
+
+def label_raster(path: Path, like: Path, labels: np.ndarray, keep: np.ndarray) -> Path:
+    """A uint8 label raster on ``like``'s grid: ``labels`` where ``keep``, else nodata 255."""
+    with rasterio.open(like) as src:
+        profile = {"driver": "GTiff", "width": src.width, "height": src.height, "count": 1, "dtype": "uint8",
+                   "crs": src.crs, "transform": src.transform, "nodata": 255}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.where(keep, labels, 255).astype(np.uint8), 1)
+    return path

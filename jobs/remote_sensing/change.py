@@ -25,7 +25,7 @@ import resource
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -39,11 +39,11 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from rasterio.windows import Window
 
-from jobs.remote_sensing import pixels
+from jobs.remote_sensing import pixels, radiometry
 from jobs.remote_sensing.catalogue import Rejected, catalogue, pair_id, pairs
-from jobs.remote_sensing.pixels import Grid, Scene
+from jobs.remote_sensing.pixels import Grid, Scene, scene_from_json
 from lib.config import Config, RemoteSensingSettings
-from lib.runtime import Write, log, side_by_side, stage
+from lib.runtime import JobFailed, Write, log, side_by_side, stage
 from lib.tables import Lakehouse, spec
 
 DESCRIPTION = "Satellite scenes (two or more dates) -> built-up change per H3 cell and admin area (gold) + COG"
@@ -71,20 +71,11 @@ WINDOW_SCHEMA = T.StructType([
 ])
 
 
-class RemoteSensingError(RuntimeError):
-    """The pipeline cannot run as configured; the message says why."""
+class RemoteSensingError(JobFailed):
+    """The pipeline cannot run as configured; the message says why (the CLI prints it and exits 4)."""
 
 
 # ----------------------------------------------------------------------------- one window (pure)
-
-
-def scene_from_json(text: str) -> Scene:
-    d = json.loads(text)
-    d["grid"] = Grid(**{**d["grid"], "transform": tuple(d["grid"]["transform"])})
-    d["files"] = {k: tuple(v) for k, v in d["files"].items()}
-    d["thresholds"] = tuple(d["thresholds"])
-    d["mask_values"] = tuple(d["mask_values"])
-    return Scene(**d)
 
 
 def window_id(window: Window) -> str:
@@ -287,29 +278,58 @@ def assemble(task: tuple[str, str, str, str]) -> dict[str, Any]:
     return {"pair_id": pid, "cog": str(cog), "quicklook": str(out / "quicklook.png")}
 
 
-def _scene_row(s: Scene) -> tuple:
+def _scene_row(s: Scene, verdict: radiometry.Verdict | None) -> tuple:
     return (s.scene_id, s.area, date.fromisoformat(s.date), s.sensor, s.path, s.grid.crs_wkt, s.grid.width,
-            s.grid.height, abs(s.grid.transform[0]), abs(s.grid.transform[4]), json.dumps(s.files, sort_keys=True))
+            s.grid.height, abs(s.grid.transform[0]), abs(s.grid.transform[4]), json.dumps(s.files, sort_keys=True),
+            s.level, verdict.worst_share if verdict else None, radiometry.summary_json(verdict),
+            "; ".join(s.notes) or None)
 
 
 def _quarantine_row(r: Rejected, stage_name: str) -> tuple:
     return (r.path, r.area, date.fromisoformat(r.date) if r.date else None, r.sensor, stage_name, r.reason)
 
 
-def usable_pairs(rs: RemoteSensingSettings) -> tuple[list[Scene], list[Rejected], list[tuple[Scene, Scene]]]:
-    """The scene catalogue, the scenes it rejected, and the pairs of dates to compare (or a clear error)."""
+def with_classifier(scenes: list[Scene], rs: RemoteSensingSettings) -> list[Scene]:
+    """The scenes set to use the configured built-up rule (a learned model is checked against each scene)."""
+    if rs.classifier == "index":
+        return scenes
+    from jobs.remote_sensing import learn
+
+    try:
+        model = learn.load_meta(rs.classifier)
+        for s in scenes:
+            learn.check_compatible(model, s)
+    except learn.ModelError as exc:
+        raise RemoteSensingError(str(exc)) from None
+    return [replace(s, classifier=str(model.folder)) for s in scenes]
+
+
+def usable_scenes(spark: SparkSession, rs: RemoteSensingSettings) -> tuple[list[Scene], list[tuple[Rejected, str]],
+                                                                           dict[str, radiometry.Verdict]]:
+    """The scene catalogue after the radiometric check: usable scenes, rejected ones (with the stage), verdicts."""
     with stage("remote_sensing.catalogue") as st:
         scenes, rejected = catalogue(rs)
         st.rows_in, st.rows_out = len(scenes) + len(rejected), len(scenes)
-        for r in rejected:
-            log.warning("scene quarantined: %s: %s", r.path, r.reason)
-    scene_pairs = pairs(scenes)
-    if not scene_pairs:
-        raise RemoteSensingError(
-            f"no pair of usable scenes of one area ({len(scenes)} usable, {len(rejected)} rejected: "
-            + "; ".join(f"{r.path}: {r.reason}" for r in rejected[:3]) + "); configure remote_sensing.scenes "
-            "or remote_sensing.scene_dir with two or more dates")
-    return scenes, rejected, scene_pairs
+    for s in scenes:
+        log.info("scene %s: %s", s.scene_id, "; ".join(s.notes))
+    out: list[tuple[Rejected, str]] = [(r, "catalogue") for r in rejected]
+    with stage("remote_sensing.radiometry") as st:
+        verdicts = {v.scene_id: v for v in radiometry.check(spark, scenes, rs.window_size, rs.max_out_of_range)}
+        st.rows_in = len(verdicts)
+        kept = []
+        for s in scenes:
+            v = verdicts.get(s.scene_id)
+            if v is None or v.problem is None:
+                kept.append(s)
+            elif rs.on_radiometry == "warn" and not v.problem.startswith("window read failed"):
+                log.warning("scene %s kept (on_radiometry: warn): %s", s.path, v.problem)
+                kept.append(replace(s, notes=(*s.notes, f"radiometry warning: {v.problem}")))
+            else:
+                out.append((Rejected(s.path, s.area, s.date, s.sensor, v.problem), "radiometry"))
+        st.rows_out = len(kept)
+    for r, stage_name in out:
+        log.warning("scene quarantined (%s): %s: %s", stage_name, r.path, r.reason)
+    return with_classifier(kept, rs), out, verdicts
 
 
 def failed_pairs(parts: DataFrame, scene_pairs: list[tuple[Scene, Scene]]) -> tuple[dict[str, str], list[Rejected]]:
@@ -326,6 +346,15 @@ def failed_pairs(parts: DataFrame, scene_pairs: list[tuple[Scene, Scene]]) -> tu
                 rejects.append(Rejected(s.path, s.area, s.date, s.sensor, f"window read failed: {detail}"))
         log.warning("pair %s left out of gold: %s", pid, detail)
     return failed, rejects
+
+
+def classifier_name(rs: RemoteSensingSettings) -> str:
+    """'index' or 'model:<id>' of the configured built-up rule."""
+    if rs.classifier == "index":
+        return "index"
+    from jobs.remote_sensing import learn
+
+    return f"model:{learn.load_meta(rs.classifier).model_id}"
 
 
 def gold_writes(lake: Lakehouse, parts: DataFrame, good: list[tuple[Scene, Scene]], rs: RemoteSensingSettings,
@@ -358,7 +387,7 @@ def gold_writes(lake: Lakehouse, parts: DataFrame, good: list[tuple[Scene, Scene
         F.col("w.col_off").alias("col_off"), F.col("w.height").alias("height"), F.col("w.width").alias("width"),
         "n_pixels", "n_pixels_valid", "n_outside_admin",
         (F.col("n_pixels_valid") / F.col("n_pixels")).alias("valid_fraction"),
-        F.col("peak_rss_mb").alias("worker_peak_rss_mb"))
+        F.col("peak_rss_mb").alias("worker_peak_rss_mb"), F.lit(classifier_name(rs)).alias("classifier"))
     writes.append(Write("remote_sensing.tiles -> silver", lambda: lake.write(
         lake.conform(tiles, "silver.settlement_tiles"), "silver.settlement_tiles", where=scopes).rows_written))
     tasks = [(pair_id(b, a), json.dumps(asdict(b)), str(staging),
@@ -375,7 +404,25 @@ def gold_writes(lake: Lakehouse, parts: DataFrame, good: list[tuple[Scene, Scene
 def run(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     rs = cfg.remote_sensing
     lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
-    scenes, rejected, scene_pairs = usable_pairs(rs)
+    scenes, rejected, verdicts = usable_scenes(spark, rs)
+    scene_pairs = pairs(scenes)
+    scenes_df = spark.createDataFrame([_scene_row(s, verdicts.get(s.scene_id)) for s in scenes],
+                                      spec("silver.settlement_scenes").schema)
+    if lake.exists("quarantine.settlement_scenes"):
+        lake.sync_constraints("quarantine.settlement_scenes")
+    catalogue_writes = [
+        Write("remote_sensing.scenes -> silver",
+              lambda: lake.write(scenes_df, "silver.settlement_scenes", mode="overwrite").rows_written),
+        Write("remote_sensing.quarantine",
+              lambda: lake.write(q_df, "quarantine.settlement_scenes", mode="overwrite").rows_written)]
+    if not scene_pairs:
+        q_df = spark.createDataFrame([_quarantine_row(r, st) for r, st in rejected],
+                                     spec("quarantine.settlement_scenes").schema)
+        side_by_side(catalogue_writes, max_workers=2)
+        raise RemoteSensingError(
+            f"no pair of usable scenes of one area ({len(scenes)} usable, {len(rejected)} rejected; the reasons are "
+            f"in quarantine.settlement_scenes: " + "; ".join(f"{r.path}: {r.reason}" for r, _ in rejected[:3])
+            + "); configure remote_sensing.scenes or remote_sensing.scene_dir with two or more dates")
     admin = load_admin(rs)
     root = rasters_root(cfg)
     staging = root / "_staging"
@@ -385,23 +432,16 @@ def run(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         st.rows_out = parts.count()
     failed, tiling_rejects = failed_pairs(parts, scene_pairs)
     good = [(b, a) for b, a in scene_pairs if pair_id(b, a) not in failed]
-    scenes_df = spark.createDataFrame([_scene_row(s) for s in scenes], spec("silver.settlement_scenes").schema)
-    q_rows = [_quarantine_row(r, "catalogue") for r in rejected] + [_quarantine_row(r, "tiling")
-                                                                    for r in tiling_rejects]
+    q_rows = [_quarantine_row(r, st) for r, st in rejected] + [_quarantine_row(r, "tiling") for r in tiling_rejects]
     q_df = spark.createDataFrame(q_rows, spec("quarantine.settlement_scenes").schema)
     writes, rasters = gold_writes(lake, parts, good, rs, [lvl for lvl, _, _ in admin], staging, root)
     try:
-        side_by_side([
-            Write("remote_sensing.scenes -> silver",
-                  lambda: lake.write(scenes_df, "silver.settlement_scenes", mode="overwrite").rows_written),
-            Write("remote_sensing.quarantine",
-                  lambda: lake.write(q_df, "quarantine.settlement_scenes", mode="overwrite").rows_written),
-            *writes], max_workers=6)
+        side_by_side([*catalogue_writes, *writes], max_workers=6)
     finally:
         parts.unpersist()
         shutil.rmtree(staging, ignore_errors=True)
     summary = {"scenes": len(scenes), "rejected": len(rejected) + len(tiling_rejects), "pairs": len(scene_pairs),
                "pairs_written": len(good), "failed_pairs": failed, "rasters": rasters,
-               **({"pairs": len(good)} if good else {})}
+               "classifier": rs.classifier, **({"pairs": len(good)} if good else {})}
     log.info("remote_sensing.change: %s", json.dumps(summary, default=str))
     return summary

@@ -73,7 +73,34 @@ class Scene:
     mask_values: tuple[int, ...] = ()
     thresholds: tuple[float, float, float] = (0.0, 0.3, 0.0)  # ndbi_min, ndvi_max, mndwi_max
     builtup_min: float | None = None
+    level: str = "sr"  # radiometric level of the scaled values: sr, toa, dn, layer
+    calibration: dict[str, tuple[float, float]] = field(default_factory=dict)  # role -> (scale, offset) from MTL
+    notes: tuple[str, ...] = ()  # how the bands were found, calibration used, radiometry warnings
+    classifier: str = "index"  # "index" or the folder of a learned model (jobs/remote_sensing/learn.py)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def scaling(self, role: str) -> tuple[float, float]:
+        """(scale, offset) turning the role's stored values into the profile's level."""
+        return self.calibration.get(role, (self.scale, self.offset))
+
+
+def scene_to_json(scene: Scene) -> str:
+    import json
+    from dataclasses import asdict
+
+    return json.dumps(asdict(scene))
+
+
+def scene_from_json(text: str) -> Scene:
+    import json
+
+    d = json.loads(text)
+    d["grid"] = Grid(**{**d["grid"], "transform": tuple(d["grid"]["transform"])})
+    d["files"] = {k: tuple(v) for k, v in d["files"].items()}
+    d["calibration"] = {k: tuple(v) for k, v in d.get("calibration", {}).items()}
+    for key in ("thresholds", "mask_values", "notes"):
+        d[key] = tuple(d.get(key, ()))
+    return Scene(**d)
 
 
 def _same_grid(src: rasterio.io.DatasetReader, grid: Grid) -> bool:
@@ -128,20 +155,32 @@ def _normalised(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return (a - b) / (a + b)
 
 
+def reflectance(scene: Scene, grid: Grid, window: Window, roles: tuple[str, ...],
+                resampling: str = "bilinear") -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Scaled values of ``roles`` over the window, and the pixels invalid in any of them or masked by QA."""
+    bands: dict[str, np.ndarray] = {}
+    invalid = np.zeros((int(window.height), int(window.width)), dtype=bool)
+    for role in roles:
+        values, bad = read_role(scene, role, grid, window, resampling)
+        scale, offset = scene.scaling(role)
+        bands[role] = values * scale + offset
+        invalid |= bad
+    if scene.mask_role and scene.mask_role in scene.files:
+        qa, bad = read_role(scene, scene.mask_role, grid, window, "nearest")
+        invalid |= bad | quality_mask(qa, scene.mask_kind, scene.mask_values)
+    return bands, invalid
+
+
 def builtup(scene: Scene, grid: Grid, window: Window, resampling: str = "bilinear") -> tuple[np.ndarray, np.ndarray]:
     """(built-up, valid) boolean arrays of one scene over the window of the grid."""
     if scene.builtup_min is not None:
         layer, invalid = read_role(scene, "builtup", grid, window, resampling)
         return (layer >= scene.builtup_min) & ~invalid, ~invalid
-    bands: dict[str, np.ndarray] = {}
-    invalid = np.zeros((int(window.height), int(window.width)), dtype=bool)
-    for role in ("green", "red", "nir", "swir1"):
-        values, bad = read_role(scene, role, grid, window, resampling)
-        bands[role] = values * scene.scale + scene.offset
-        invalid |= bad
-    if scene.mask_role and scene.mask_role in scene.files:
-        qa, bad = read_role(scene, scene.mask_role, grid, window, "nearest")
-        invalid |= bad | quality_mask(qa, scene.mask_kind, scene.mask_values)
+    if scene.classifier != "index":
+        from jobs.remote_sensing import learn
+
+        return learn.predict_window(scene, grid, window, resampling)
+    bands, invalid = reflectance(scene, grid, window, ("green", "red", "nir", "swir1"), resampling)
     ndbi = _normalised(bands["swir1"], bands["nir"])
     ndvi = _normalised(bands["nir"], bands["red"])
     mndwi = _normalised(bands["green"], bands["swir1"])

@@ -13,6 +13,7 @@ Registered under the owner name ``remote_sensing`` when this module is imported 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import h3
 import numpy as np
@@ -21,6 +22,11 @@ import pandas as pd
 from lib.config import Config
 from lib.privacy.hooks import ReleaseHooks, register
 from lib.privacy.policy import ReleaseType
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
+
+    from lib.tables import Lakehouse
 
 INPUTS = ["n_pixels"]  # needed to recompute valid_fraction after merging
 
@@ -69,4 +75,35 @@ def _draw(release_type: str, rt: ReleaseType, cells: pd.DataFrame, path: Path) -
     return quicklook.draw(release_type, rt, cells, path)
 
 
-HOOKS = register("remote_sensing", ReleaseHooks(inputs=tuple(INPUTS), prepare=prepare, draw=_draw))
+ACCURACY_COLUMNS = ("classifier", "layer", "date", "reference", "reference_sha256", "n_reference",
+                    "n_reference_built", "mapped_km2", "adjusted_km2", "adjusted_km2_ci95", "overall_accuracy",
+                    "overall_ci95", "users_accuracy", "users_ci95", "producers_accuracy", "producers_ci95", "f1",
+                    "confusion")
+
+
+def accuracy_notes(lake: Lakehouse, cfg: Config, rt: ReleaseType, cells: DataFrame) -> dict[str, Any]:
+    """The accuracy of the released pairs' layers by the built-up rule that made them (gold.settlement_accuracy,
+    from remote_sensing.accuracy), or a statement that none was assessed."""
+
+    keys = ["area", "date_before", "date_after"]
+    if not set(keys) <= set(rt.slice_by):
+        return {}
+    released = cells.select(*keys).distinct()
+    none = {"accuracy": [], "accuracy_note": "no reference labels were assessed for these pairs "
+            "(remote_sensing.accuracy); the layers' accuracy is unknown"}
+    if not (lake.exists("gold.settlement_accuracy") and lake.exists("silver.settlement_tiles")):
+        return none
+    made_by = lake.read("silver.settlement_tiles").select(*keys, "classifier").distinct()
+    acc = (lake.read("gold.settlement_accuracy").join(released, keys).join(made_by, [*keys, "classifier"])
+           .orderBy(*keys, "layer", "date", "reference"))
+    rows = [{k: (str(v) if k in ("date", "date_before", "date_after") else v) for k, v in r.asDict().items()
+             if k in (*keys, *ACCURACY_COLUMNS)} for r in acc.collect()]
+    if not rows:
+        return none
+    return {"accuracy": rows, "accuracy_note": "Olofsson et al. 2014 stratified estimators (map classes as strata); "
+            "+-ci95 is the 95% interval; built-up class figures. Reference pixels that are not a random sample "
+            "within each map class make the intervals indicative."}
+
+
+HOOKS = register("remote_sensing", ReleaseHooks(inputs=tuple(INPUTS), prepare=prepare, draw=_draw,
+                                                  notes=accuracy_notes))

@@ -40,6 +40,10 @@ Draw = Callable[[str, "ReleaseType", pd.DataFrame, Path], str]
 Rows = Callable[["Config", "ReleaseType", "DataFrame"], "DataFrame"]
 
 
+# (lakehouse, config, release type, guarded cells) -> more manifest entries (e.g. the layers' accuracy)
+Notes = Callable[["Lakehouse", "Config", "ReleaseType", "DataFrame"], dict[str, Any]]
+
+
 @dataclass(frozen=True)
 class ReleaseHooks:
     inputs: tuple[str, ...] = ()  # extra source columns ``prepare`` needs (dropped before the guard)
@@ -48,6 +52,7 @@ class ReleaseHooks:
     polygons: Polygons | None = None
     draw: Draw | None = None
     rows: Rows | None = None
+    notes: Notes | None = None
     # A slice column whose values are levels of one hierarchy (counts at one level are sums of the next): the
     # same slice is never published at two levels (lib/privacy/release.py refuses, naming the earlier release).
     level_column: str | None = None

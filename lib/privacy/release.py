@@ -471,7 +471,8 @@ class Publication:
         else:
             plot = publish.draw_generic(self.res.release_type, rt.slice_by, cells, png)
         files = {p.name: publish.sha256_file(p) for p in sorted(folder.iterdir()) if not p.name.startswith(".")}
-        return files, {"quicklook": plot, "spatial_files": spatial}
+        notes = self.hooks.notes(self.lake, self.cfg, rt, self.guarded.cells()) if self.hooks.notes else {}
+        return files, {"quicklook": plot, "spatial_files": spatial, **notes}
 
     def manifest(self, release_id: str, created: datetime, requester: str, override_reason: str | None,
                  files: dict[str, str], extras: dict[str, Any]) -> dict[str, Any]:
