@@ -319,3 +319,50 @@ def test_new_builtup_against_the_planted_truth_reaches_the_release(spark, tmp_pa
     manifest = json.loads((Path(out["path"]) / "manifest.json").read_text())
     assert [a["layer"] for a in manifest["accuracy"]] == ["new_builtup"]
     assert manifest["accuracy"][0]["producers_accuracy"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_no_usable_pair_exits_with_a_clear_message_after_writing_the_quarantine(spark, tmp_path):  # type: ignore[no-untyped-def]
+    """As a user runs it: Level-1 band folders found in scene_dir, given to the surface-reflectance profile."""
+    import os
+    import subprocess
+
+    _level1_folders(tmp_path / "scenes", seed=2)
+    lake_root = tmp_path / "lh"
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [str(root / "spark-submit.sh"), "remote_sensing.change", "--master", "local[1]",
+         "--set", f"lakehouse.root={lake_root}", "--set", f"remote_sensing.scene_dir={tmp_path / 'scenes'}",
+         "--set", "remote_sensing.default_sensor=landsat8_oli"],
+        capture_output=True, text=True, timeout=300, cwd=root, env=dict(os.environ))
+    logs = out.stdout + out.stderr
+    assert out.returncode == 4, logs[-3000:]
+    assert "migralake: error: no pair of usable scenes of one area (0 usable, 2 rejected" in logs
+    assert "Traceback" not in logs
+    rows = Lakehouse(spark, str(lake_root)).read("quarantine.settlement_scenes").collect()
+    assert sorted(r["stage"] for r in rows) == ["radiometry", "radiometry"]
+    assert all("Level-1 DN given to a surface reflectance profile?" in r["reason"] for r in rows)
+
+
+def test_polygon_labels_burn_the_pixels_whose_centre_they_contain(tmp_path):  # type: ignore[no-untyped-def]
+    """Labels drawn as polygons in another CRS (EPSG:4326) land on the scene grid's pixels."""
+    import geopandas as gpd
+    from rasterio.windows import Window
+    from shapely.geometry import box
+
+    from jobs.remote_sensing.pixels import Grid
+    from lib.config import LabelSpec
+
+    grid = Grid("EPSG:32725", (30.0, 0.0, 280_000.0, 0.0, -30.0, 9_120_000.0), 40, 40)
+    town = box(280_000 + 30 * 5, 9_120_000 - 30 * 15, 280_000 + 30 * 15, 9_120_000 - 30 * 5)  # cols 5-14, rows 5-14
+    field = box(280_000 + 30 * 20, 9_120_000 - 30 * 30, 280_000 + 30 * 30, 9_120_000 - 30 * 20)
+    gdf = gpd.GeoDataFrame({"landuse": ["Built", "crops"]}, geometry=[town, field], crs="EPSG:32725").to_crs(4326)
+    path = tmp_path / "labels.geojson"
+    gdf.to_file(path, driver="GeoJSON")
+    spec = LabelSpec(path=str(path), date="2024-01-01", class_column="landuse")  # type: ignore[arg-type]
+    labels = learn.label_window(spec, grid, Window(0, 0, 40, 40))
+    assert int((labels == 1).sum()) == 100 and labels[5:15, 5:15].min() == 1
+    assert int((labels == 0).sum()) == 100 and labels[20:30, 20:30].max() == 0
+    assert int((labels == -1).sum()) == 40 * 40 - 200
+    part = learn.label_window(spec, grid, Window(10, 10, 20, 20))  # a window cut through both polygons
+    assert np.array_equal(part, labels[10:30, 10:30])

@@ -77,9 +77,11 @@ def remote_sensing_config(cfg: Config, input_dir: Path) -> tuple[Config, dict]:
         area = "synthetic"
     t = cfg.remote_sensing.sensors["landsat7_etm"].thresholds
     after = folder / f"{area}_20240701.tif"
-    truth = raster_synth.plant_growth(first, after, seed=cfg.demo.seed, thresholds=(t.ndbi_min, t.ndvi_max,
-                                                                                      t.mndwi_max))
+    thresholds = (t.ndbi_min, t.ndvi_max, t.mndwi_max)
+    truth = raster_synth.plant_growth(first, after, seed=cfg.demo.seed, thresholds=thresholds, n_sites=4)
     truth["first_date"] = str(first)
+    labels, reference = raster_synth.demo_labels(first, after, truth, folder / "labels", thresholds)
+    truth["split_col"] = labels["split_col"]
     admin = raster_synth.admin_areas(first, folder / "admin", prefix="RS")
     # A sensitive zone (e.g. a displacement site) around the first planted site: H3 layers are coarsened there.
     site = truth["sites"][0]
@@ -89,19 +91,28 @@ def remote_sensing_config(cfg: Config, input_dir: Path) -> tuple[Config, dict]:
     zones = folder / "sensitive_zones.geojson"
     zone.to_crs(4326).to_file(zones, driver="GeoJSON")
     rs = cfg.remote_sensing.model_dump()
+    dates = {"date_before": "2024-01-01", "date_after": "2024-07-01"}
     rs.update(scenes=[{"path": str(first), "date": "2024-01-01", "sensor": "landsat7_etm", "area": area},
                       {"path": str(after), "date": "2024-07-01", "sensor": "landsat7_etm", "area": area}],
-              admin_paths=admin, sensitive_zones_path=str(zones))
+              admin_paths=admin, sensitive_zones_path=str(zones),
+              labels=[{"path": labels["reference_layer"], "area": area, "date": "2024-01-01", "builtup_min": 255},
+                      {"path": labels["planted"], "area": area, "layer": "new_builtup", **dates}],
+              reference=[{"path": reference, "area": area, "layer": "new_builtup", **dates}],
+              train={**rs["train"], "block_px": 32})
     truth["area"] = area
     return cfg.model_copy(update={"remote_sensing": RemoteSensingSettings.model_validate(rs)}), truth
 
 
 def remote_sensing_demo(spark: SparkSession, cfg: Config, input_dir: Path) -> list[str]:
-    from jobs.remote_sensing import change
+    from jobs.remote_sensing import accuracy, change, train
 
     with stage("demo.synthetic_rasters"):
         run_cfg, truth = remote_sensing_config(cfg, input_dir)
     summary = change.run(spark, run_cfg)
+    trained = train.run(spark, run_cfg)
+    model_cfg = run_cfg.model_copy(update={"remote_sensing": run_cfg.remote_sensing.model_copy(
+        update={"classifier": trained["model"]})})
+    assessed = accuracy.run(spark, model_cfg)["rows"]
     lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
     h3 = lake.read("gold.settlement_change_h3").filter(F.col("area") == truth["area"])
     tot = one_row(h3.agg(F.sum("new_km2").alias("new"), F.sum("lost_km2").alias("lost"),
@@ -113,10 +124,19 @@ def remote_sensing_demo(spark: SparkSession, cfg: Config, input_dir: Path) -> li
         f"new {tot['new']:.3f} km2, lost {tot['lost']:.3f} km2 (planted growth: {truth['planted_km2']:.3f} km2 "
         f"in {len(truth['sites'])} sites)",
         f"    change raster  : {raster.get('cog')} (COG), map {raster.get('quicklook')}",
+        f"    learned model  : {trained['model']} (trained left of column {truth['split_col']}: the WSF-like "
+        "reference layer of the first date and the planted growth there)",
     ]
+    for r in assessed:
+        lines.append(
+            f"    accuracy       : new built-up right of column {truth['split_col']} (held back), "
+            f"{r['classifier']}: user's {r['users_accuracy'] or 0:.1%} +- {r['users_ci95'] or 0:.1%}, producer's "
+            f"{r['producers_accuracy'] or 0:.1%} +- {r['producers_ci95'] or 0:.1%}, F1 {r['f1'] or 0:.3f}; "
+            f"area-adjusted over the scene {r['adjusted_km2'] or 0:.3f} +- {r['adjusted_km2_ci95'] or 0:.3f} km2 "
+            f"(planted: {truth['planted_km2']:.3f}, {truth['held_back_km2']:.3f} of it in the held-back part)")
     lines += [f"    {name:<32} {lake.location(name)}" for name in (
         "silver.settlement_scenes", "quarantine.settlement_scenes", "silver.settlement_tiles",
-        "gold.settlement_change_h3", "gold.settlement_change_admin")]
+        "gold.settlement_change_h3", "gold.settlement_change_admin", "gold.settlement_accuracy")]
     lines += releases(spark, run_cfg, lake, ("settlement_change",))
     return lines
 

@@ -253,3 +253,46 @@ def label_raster(path: Path, like: Path, labels: np.ndarray, keep: np.ndarray) -
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(np.where(keep, labels, 255).astype(np.uint8), 1)
     return path
+
+
+def demo_labels(first: Path, after: Path, truth: dict[str, Any], folder: Path,
+                thresholds: tuple[float, float, float]) -> tuple[dict[str, Any], str]:
+    """Labels for the demo's learned classifier and its accuracy, split by a column between the planted sites
+    (half of them on each side): training labels on the left only, the accuracy reference on the right only.
+
+    - ``reference_layer``: a WSF-like built-up layer of the first date (255 built-up, 0 not, nodata between)
+      from the index rule with a margin, as an external layer would be used for an earlier year;
+    - ``planted``: the planted growth (1 new built-up) - built-up at the second date, not at the first;
+    - the reference (returned separately): new built-up right of the split, every pixel labelled (1 planted,
+      0 not), pixels the training never saw.
+    Also records ``split_col`` and ``held_back_km2`` (planted km2 right of the split) in ``truth``.
+    """
+    cols_sorted = sorted(s["col"] for s in truth["sites"])
+    half = len(cols_sorted) // 2
+    split = (cols_sorted[half - 1] + cols_sorted[half]) // 2
+    with rasterio.open(first) as a, rasterio.open(after) as b:
+        before, later = a.read(), b.read()
+        planted = (before != later).any(axis=0)
+        profile = {"driver": "GTiff", "width": a.width, "height": a.height, "count": 1, "dtype": "uint8",
+                   "crs": a.crs, "transform": a.transform}
+    cols = np.arange(planted.shape[1])[None, :].repeat(planted.shape[0], 0)
+    left = cols < split
+    sure_built = _built(before, thresholds, margin=0.05)
+    sure_not = ~_built(before, (thresholds[0] - 0.05, thresholds[1] + 0.05, thresholds[2] + 0.05))
+    layer = np.full(planted.shape, 128, dtype=np.uint8)
+    layer[sure_not] = 0
+    layer[sure_built] = 255
+    layer[~left] = 128
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"reference_layer": folder / "wsf_like_20240101_left.tif", "planted": folder / "planted_left.tif",
+             "reference": folder / "planted_right_reference.tif"}
+    with rasterio.open(paths["reference_layer"], "w", **profile, nodata=128) as dst:
+        dst.write(layer, 1)
+    with rasterio.open(paths["planted"], "w", **profile, nodata=255) as dst:
+        dst.write(np.where(left & planted, 1, 255).astype(np.uint8), 1)
+    with rasterio.open(paths["reference"], "w", **profile, nodata=255) as dst:
+        dst.write(np.where(~left, planted.astype(np.uint8), 255).astype(np.uint8), 1)
+    truth["split_col"] = int(split)
+    truth["held_back_km2"] = float((planted & ~left).sum() * truth["pixel_km2"])
+    return {"reference_layer": str(paths["reference_layer"]), "planted": str(paths["planted"]),
+            "split_col": int(split)}, str(paths["reference"])

@@ -97,7 +97,7 @@ def feature_window(scene: Scene, grid: Grid, window: Window, resampling: str = "
 
 
 @lru_cache(maxsize=8)
-def _vector(path: str, crs_wkt: str) -> Any:
+def _vector(path: str, crs_wkt: str, mtime_ns: int) -> Any:  # mtime: a file edited in place is read again
     import geopandas as gpd
     import pandas as pd
 
@@ -136,10 +136,10 @@ def label_window(spec: LabelSpec, grid: Grid, window: Window) -> np.ndarray:
         from rasterio.features import rasterize
         from shapely.geometry import box
 
-        gdf = _vector(path, grid.crs_wkt)
+        gdf = _vector(path, grid.crs_wkt, Path(path).stat().st_mtime_ns)
         transform = window_transform(window, grid.affine())
-        left, top = transform * (0, 0)
-        right, bottom = transform * (shape[1], shape[0])
+        left, top = transform @ (0, 0)
+        right, bottom = transform @ (shape[1], shape[0])
         sub = gdf[gdf.intersects(box(min(left, right), min(top, bottom), max(left, right), max(top, bottom)))]
         if spec.class_column not in gdf.columns:
             raise ValueError(f"{path}: no column '{spec.class_column}' (columns {list(gdf.columns)})")
@@ -217,7 +217,7 @@ def check_compatible(model: ModelMeta, scene: Scene) -> None:
 
 
 @lru_cache(maxsize=4)
-def _booster(folder: str) -> tuple[Any, float]:
+def _booster(folder: str, mtime_ns: int) -> tuple[Any, float]:  # mtime: a replaced model is checked again
     import lightgbm as lgb
 
     meta = load_meta(folder)
@@ -227,7 +227,7 @@ def _booster(folder: str) -> tuple[Any, float]:
 def predict_window(scene: Scene, grid: Grid, window: Window, resampling: str = "bilinear"
                    ) -> tuple[np.ndarray, np.ndarray]:
     """(built-up, valid) of one window by the scene's learned model."""
-    booster, threshold = _booster(scene.classifier)
+    booster, threshold = _booster(scene.classifier, (Path(scene.classifier) / "model.txt").stat().st_mtime_ns)
     x, valid = feature_window(scene, grid, window, resampling)
     built = np.zeros(valid.shape, dtype=bool)
     if valid.any():

@@ -96,8 +96,8 @@ def accuracy_notes(lake: Lakehouse, cfg: Config, rt: ReleaseType, cells: DataFra
     made_by = lake.read("silver.settlement_tiles").select(*keys, "classifier").distinct()
     acc = (lake.read("gold.settlement_accuracy").join(released, keys).join(made_by, [*keys, "classifier"])
            .orderBy(*keys, "layer", "date", "reference"))
-    rows = [{k: (str(v) if k in ("date", "date_before", "date_after") else v) for k, v in r.asDict().items()
-             if k in (*keys, *ACCURACY_COLUMNS)} for r in acc.collect()]
+    rows = [{k: (str(v) if k in ("date", "date_before", "date_after") else Path(v).name if k == "reference" else v)
+             for k, v in r.asDict().items() if k in (*keys, *ACCURACY_COLUMNS)} for r in acc.collect()]
     if not rows:
         return none
     return {"accuracy": rows, "accuracy_note": "Olofsson et al. 2014 stratified estimators (map classes as strata); "
