@@ -283,7 +283,9 @@ def test_planted_shift_appears_in_the_gold_series(world) -> None:  # type: ignor
     # planted: R1's on-topic posts go from 20% to 75% negative after the event; the other regions do not change
     assert shift["R1"] < -0.25, shift.to_dict()
     others = shift.drop(["R1", "national"])
-    assert (others.abs() < 0.12).all(), shift.to_dict()
+    # the other regions move by sampling noise only (about 190 posts per region and side here): well under a
+    # quarter of the planted shift
+    assert (others.abs() < 0.25 * abs(shift["R1"])).all(), shift.to_dict()
     assert shift["R1"] < others.min() - 0.2
     neg = weeks[weeks["region"] == "R1"].groupby("after").apply(
         lambda g: np.average(g["share_negative"], weights=g["n_posts"]), include_groups=False)

@@ -2,8 +2,9 @@
 
 One loading path serves every model: a hub id (production default
 ``cardiffnlp/twitter-xlm-roberta-base-sentiment``, needs the hub or its cache) or
-a local transformers model directory (the offline default, built by
-``jobs/social/train_model.py`` from the all-MiniLM-L6-v2 encoder). The model's
+a local transformers model directory (the offline default
+``models/sentiment-e5-umsab``, built by ``jobs/social/train_e5.py`` from the
+multilingual-e5-small encoder on PyPI, fine-tuned on UMSAB). The model's
 own ``config.id2label`` is mapped to negative / neutral / positive; a model
 whose labels carry no such names needs ``social.label_map`` in conf/.
 
@@ -33,7 +34,7 @@ import numpy as np
 from lib.config import PROJECT_ROOT
 
 LABELS = ("negative", "neutral", "positive")
-OFFLINE_DEFAULT = "models/sentiment-minilm-umsab"
+OFFLINE_DEFAULT = "models/sentiment-e5-umsab"
 _SYNONYMS = {
     "negative": "negative", "neg": "negative", "0": "negative",
     "neutral": "neutral", "neu": "neutral", "1": "neutral",
@@ -151,7 +152,7 @@ class Scorer:
         local = Path(where).is_dir()
         if not local and (where.startswith("/") or name.startswith(("models/", "./", "../"))):
             raise ModelError(f"model directory {where} does not exist"
-                             + (" (build it with bin/train-sentiment-model)" if where == resolve(OFFLINE_DEFAULT) else ""))
+                             + (" (bin/setup builds it: jobs/social/train_e5.py)" if where == resolve(OFFLINE_DEFAULT) else ""))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local or None)
             model = AutoModelForSequenceClassification.from_pretrained(where, local_files_only=local or None)
