@@ -58,9 +58,9 @@ def plot_text(value: Any) -> str:
     return str(value).replace("$", r"\$")
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as fh:
+    with Path(path).open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

@@ -114,6 +114,13 @@ def _check_delta_available(spark: SparkSession) -> None:
         raise SetupError(f"Delta Lake classes are not on Spark's classpath. {SETUP_HINT}") from exc
 
 
+def parallel_rows(spark: SparkSession, rows: list[tuple], schema: Any, per_core: int = 4) -> DataFrame:
+    """Small driver-side work items (e.g. raster windows) as a DataFrame of a few partitions per core: each task
+    pays a fixed start-up cost, so one task carries several items, and items alike in cost still balance."""
+    slices = max(1, min(len(rows), spark.sparkContext.defaultParallelism * per_core))
+    return spark.createDataFrame(spark.sparkContext.parallelize(rows, slices), schema)
+
+
 def one_row(df: DataFrame) -> Row:
     """The first row of a query that always has one (an aggregate); a clear error if it has none."""
     row = df.first()

@@ -20,6 +20,7 @@ import pytest
 from jobs.social import e5_import, train_e5
 from jobs.social import model as models
 from lib.config import PROJECT_ROOT
+from lib.publish import sha256_file
 
 H, LAYERS, HEADS, FFN, MAXP, TVS = 32, 1, 2, 64, 16, 2
 PIECES = ["<s>", "<pad>", "</s>", "<unk>", "\u2581", "\u2581mi", "gra", "nt", "\u2581migrant", "s", "\u2581a", "b",
@@ -166,7 +167,7 @@ def test_the_real_model_gets_obvious_posts_right_in_four_languages() -> None:
     report = json.loads((REAL / "training_report.json").read_text())
     assert report["encoder"]["wheel_sha256"] == train_e5.WHEEL_SHA256
     assert report["encoder"]["conversion"]["check"]["token_ids_equal"] is True
-    assert report["weights_sha256"] == e5_import.sha256(REAL / "model.safetensors")
+    assert report["weights_sha256"] == sha256_file(REAL / "model.safetensors")
     scorer = models.Scorer(str(REAL), precision="fp32")
     posts = {
         "positive": ["Welcome to all the refugees, we are so happy to help you!",

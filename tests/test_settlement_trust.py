@@ -25,6 +25,7 @@ from jobs.demo import raster_synth
 from jobs.remote_sensing import accuracy, catalogue, change, learn, train
 from jobs.remote_sensing.catalogue import match_band_file, stack_bands
 from lib.config import Config, RemoteSensingSettings, load_config
+from lib.publish import sha256_file
 from lib.tables import Lakehouse
 
 
@@ -221,10 +222,10 @@ def town(spark, tmp_path_factory):  # type: ignore[no-untyped-def]
 def test_the_model_folder_records_its_training_data(town):  # type: ignore[no-untyped-def]
     folder = Path(town["trained"]["model"])
     meta = json.loads((folder / "model.json").read_text())
-    assert meta["model_id"] == folder.name and meta["model_sha256"] == learn.sha256_file(folder / "model.txt")
+    assert meta["model_id"] == folder.name and meta["model_sha256"] == sha256_file(folder / "model.txt")
     scene_files = meta["training_data"]["scenes"][0]["files"]
-    assert scene_files["red"]["sha256"] == learn.sha256_file(scene_files["red"]["path"])
-    assert meta["training_data"]["labels"][0]["sha256"] == learn.sha256_file(town["root"] / "labels_left.tif")
+    assert scene_files["red"]["sha256"] == sha256_file(scene_files["red"]["path"])
+    assert meta["training_data"]["labels"][0]["sha256"] == sha256_file(town["root"] / "labels_left.tif")
     assert meta["level"] == "dn" and meta["sensors"] == ["landsat7_etm"]
     # Held-out blocks of the training half: the model is right, the index rule is not.
     assert meta["holdout_model"]["f1"] > 0.95

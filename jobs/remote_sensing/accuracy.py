@@ -36,7 +36,9 @@ from jobs.remote_sensing.catalogue import pair_id, pairs
 from jobs.remote_sensing.change import classifier_name, usable_scenes
 from jobs.remote_sensing.pixels import Scene
 from lib.config import Config, LabelSpec
+from lib.publish import sha256_file
 from lib.runtime import log, stage
+from lib.spark import parallel_rows
 from lib.tables import Lakehouse, spec
 
 DESCRIPTION = "Reference labels -> confusion matrix, user's/producer's accuracy, F1, area-adjusted km2 with 95% CI"
@@ -182,7 +184,7 @@ def rows_for(counts: pd.DataFrame, refs: list[LabelSpec], pair_meta: dict[str, t
             "area": before.area, "date_before": date.fromisoformat(before.date),
             "date_after": date.fromisoformat(after.date), "classifier": names[clf], "layer": layer,
             "date": date.fromisoformat(d), "reference": str(reference.path),
-            "reference_sha256": learn.sha256_file(reference.path), "n_reference": int(n.sum()),
+            "reference_sha256": sha256_file(reference.path), "n_reference": int(n.sum()),
             "n_reference_built": int(n[:, 1].sum()), "n_mapped": n_mapped, "total_km2": float(mapped.sum()),
             "mapped_km2": float(mapped[1]), "adjusted_km2": num(est["area"][1]),
             "adjusted_km2_ci95": num(est["area_ci95"][1]), "overall_accuracy": num(est["overall"]),
@@ -233,9 +235,7 @@ def run(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     rows = [(pair_id(b, a), int(w.row_off), int(w.col_off), int(w.height), int(w.width))
             for b, a in todo for w in pixels.windows(b.grid, rs.window_size)]
     with stage("remote_sensing.accuracy counts") as st:
-        slices = max(1, min(len(rows), spark.sparkContext.defaultParallelism * 4))
-        win = spark.createDataFrame(spark.sparkContext.parallelize(rows, slices),
-                                    "pair_id string, row_off int, col_off int, height int, width int")
+        win = parallel_rows(spark, rows, "pair_id string, row_off int, col_off int, height int, width int")
         fn = _assess_fn(pair_scenes, classifiers, [r.model_dump_json() for r in rs.reference], rs.resampling)
         counts = win.mapInPandas(fn, COUNT_SCHEMA).toPandas()
         st.rows_in, st.rows_out = len(rows), len(counts)

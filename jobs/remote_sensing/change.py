@@ -44,6 +44,7 @@ from jobs.remote_sensing.catalogue import Rejected, catalogue, pair_id, pairs
 from jobs.remote_sensing.pixels import Grid, Scene, scene_from_json
 from lib.config import Config, RemoteSensingSettings
 from lib.runtime import JobFailed, Write, log, side_by_side, stage
+from lib.spark import parallel_rows
 from lib.tables import Lakehouse, spec
 
 DESCRIPTION = "Satellite scenes (two or more dates) -> built-up change per H3 cell and admin area (gold) + COG"
@@ -186,10 +187,7 @@ def compute(spark: SparkSession, scene_pairs: list[tuple[Scene, Scene]], setting
     pair_scenes = {pair_id(b, a): (json.dumps(asdict(b)), json.dumps(asdict(a))) for b, a in scene_pairs}
     rows = [(pair_id(b, a), int(w.row_off), int(w.col_off), int(w.height), int(w.width))
             for b, a in scene_pairs for w in pixels.windows(b.grid, settings.window_size)]
-    # A few tasks per core: each task pays a fixed start-up cost (closure, Arrow stream), so a task carries
-    # several windows; windows are alike in cost, so this still balances the cores.
-    slices = max(1, min(len(rows), spark.sparkContext.defaultParallelism * 4))
-    windows_df = spark.createDataFrame(spark.sparkContext.parallelize(rows, slices), WINDOW_SCHEMA)
+    windows_df = parallel_rows(spark, rows, WINDOW_SCHEMA)
     fn = _window_parts(pair_scenes, settings.h3_resolution, settings.resampling, admin, staging)
     return windows_df.mapInPandas(fn, PART_SCHEMA)
 

@@ -18,7 +18,6 @@ Reads GeoTIFFs and label files; writes no tables.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -31,6 +30,7 @@ from rasterio.windows import Window
 from jobs.remote_sensing import pixels
 from jobs.remote_sensing.pixels import Grid, Scene
 from lib.config import LabelSpec
+from lib.publish import sha256_file
 from lib.runtime import JobFailed
 
 FEATURES = ("blue", "green", "red", "nir", "swir1", "swir2", "ndvi", "ndbi", "mndwi",
@@ -42,14 +42,6 @@ VECTOR_SUFFIXES = (".geojson", ".json", ".gpkg", ".shp", ".csv")
 
 class ModelError(JobFailed):
     """A model folder that is missing, altered or does not fit the scenes; the message says which."""
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- features

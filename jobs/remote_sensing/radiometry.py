@@ -26,6 +26,7 @@ from rasterio.windows import Window
 
 from jobs.remote_sensing import pixels
 from jobs.remote_sensing.pixels import Scene
+from lib.spark import parallel_rows
 
 # Scaled values a level can physically take (generous: atmospheric correction leaves slightly negative
 # water, bright clouds and snow exceed 1 in TOA).
@@ -151,9 +152,7 @@ def check(spark: SparkSession, scenes: list[Scene], window_size: int, max_share:
         return []
     rows = [(s.scene_id, int(w.row_off), int(w.col_off), int(w.height), int(w.width))
             for s in todo for w in pixels.windows(s.grid, window_size)]
-    slices = max(1, min(len(rows), spark.sparkContext.defaultParallelism * 4))
-    df = spark.createDataFrame(spark.sparkContext.parallelize(rows, slices),
-                               "scene_id string, row_off int, col_off int, height int, width int")
+    df = parallel_rows(spark, rows, "scene_id string, row_off int, col_off int, height int, width int")
     fn = _stats_fn({s.scene_id: pixels.scene_to_json(s) for s in todo})
     stats = df.mapInPandas(fn, STATS_SCHEMA).toPandas()
     return verdicts(stats, todo, max_share)

@@ -38,7 +38,9 @@ from jobs.remote_sensing import learn, pixels
 from jobs.remote_sensing.change import usable_scenes
 from jobs.remote_sensing.pixels import Scene
 from lib.config import Config, LabelSpec, RemoteSensingSettings, TrainSettings
+from lib.publish import sha256_file
 from lib.runtime import log, stage
+from lib.spark import parallel_rows
 
 DESCRIPTION = "Labels + scenes -> a learned built-up classifier (LightGBM model folder with hashes and scores)"
 
@@ -165,7 +167,7 @@ def write_model(root: Path, model_text: str, meta: dict[str, Any]) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / "model.txt").write_text(model_text, encoding="utf-8")
-    meta = {"model_id": model_id, "model_sha256": learn.sha256_file(tmp / "model.txt"), **meta}
+    meta = {"model_id": model_id, "model_sha256": sha256_file(tmp / "model.txt"), **meta}
     (tmp / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str), encoding="utf-8")
     for f in tmp.iterdir():
         f.chmod(0o644)
@@ -180,9 +182,9 @@ def provenance(label_jobs: list[tuple[LabelSpec, Scene, str]]) -> dict[str, Any]
     scenes = {s.scene_id: s for _, s, _ in label_jobs}
     return {
         "scenes": [{"scene_id": s.scene_id, "area": s.area, "date": s.date, "sensor": s.sensor,
-                    "files": {role: {"path": f, "band": i, "sha256": learn.sha256_file(f)}
+                    "files": {role: {"path": f, "band": i, "sha256": sha256_file(f)}
                               for role, (f, i) in sorted(s.files.items())}} for s in scenes.values()],
-        "labels": [{"path": str(spec.path), "sha256": learn.sha256_file(spec.path), "layer": spec.layer,
+        "labels": [{"path": str(spec.path), "sha256": sha256_file(spec.path), "layer": spec.layer,
                     "area": spec.area, "dates": [str(d) for d in (spec.date, spec.date_before, spec.date_after) if d]}
                    for spec in {str(sp.path) + sp.layer + str(sp.date): sp for sp, _, _ in label_jobs}.values()],
     }
@@ -202,9 +204,7 @@ def run(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     rows = [(i, int(w.row_off), int(w.col_off), int(w.height), int(w.width))
             for i, (_, s, _) in enumerate(label_jobs) for w in pixels.windows(s.grid, rs.window_size)]
     with stage("remote_sensing.train samples") as st:
-        slices = max(1, min(len(rows), spark.sparkContext.defaultParallelism * 4))
-        win = spark.createDataFrame(spark.sparkContext.parallelize(rows, slices),
-                                    "task int, row_off int, col_off int, height int, width int")
+        win = parallel_rows(spark, rows, "task int, row_off int, col_off int, height int, width int")
         samples = win.mapInPandas(_sample_fn(tasks, t, rs.resampling), SAMPLE_SCHEMA)
         st.rows_in = len(rows)
     with stage("remote_sensing.train fit") as st:

