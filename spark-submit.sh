@@ -8,8 +8,9 @@
 # Locally it sets up the environment if needed (bin/setup), then runs the job
 # with the environment's own spark-submit, the Delta jars from .jars/ and
 # lib/ + jobs/ shipped as a zip for --py-files. On a cluster (--master other
-# than local[...]) the Delta jars come from --packages instead, and executors
-# need the packed Python environment (see the README, "Running on a cluster").
+# than local[...]) the same jars are shipped (--jars; MIGRALAKE_DELTA=packages
+# resolves them with --packages instead), and executors need the packed Python
+# environment (bin/pack-env; see the README, "Running on a cluster").
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -102,13 +103,45 @@ with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
 os.replace(tmp, out)
 PY
 
+# A spark://host:port master that does not answer fails now, with a hint, not after a minute of retries.
+if [[ "$master" == spark://* ]]; then
+  "$VENV/bin/python" - "$master" <<'PY' || exit 1
+import socket, sys
+url = sys.argv[1]
+for hostport in url[len("spark://"):].split(","):
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+        sys.exit(0)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror or str(exc) if isinstance(exc, OSError) else f"bad port '{port}'"
+print(f"spark-submit.sh: no Spark master answers at {url} ({reason}). Start one (bin/cluster start for a "
+      "loopback cluster on this machine) or give the right --master.", file=sys.stderr)
+sys.exit(1)
+PY
+fi
+
+# The driver logs through conf/log4j2.properties; executors take the driver's level once registered
+# (spark.executor.syncLogLevel.enabled, set by lib/spark.py).
 submit_args=(--master "$master" --name "migralake-${job_args[0]}" --py-files "$zip_path"
+             --driver-memory "$driver_memory"
              --conf "spark.driver.extraJavaOptions=-Dlog4j.configurationFile=$ROOT/conf/log4j2.properties -Dderby.system.home=$ROOT/build")
-if [[ "$master" == local* ]]; then
-  jars="$(ls "$JARS"/*.jar | paste -sd, -)"
-  submit_args+=(--jars "$jars" --driver-memory "$driver_memory")
-else
+# Executors on the packed environment of bin/pack-env (MIGRALAKE_EXECUTOR_ENV=<archive>): unpacked by Spark
+# as ./environment in each executor's folder; the driver keeps this checkout's environment.
+if [[ -n "${MIGRALAKE_EXECUTOR_ENV:-}" ]]; then
+  [[ -f "$MIGRALAKE_EXECUTOR_ENV" ]] || { echo "spark-submit.sh: MIGRALAKE_EXECUTOR_ENV: no file $MIGRALAKE_EXECUTOR_ENV (bin/pack-env makes it)" >&2; exit 1; }
+  submit_args+=(--archives "$MIGRALAKE_EXECUTOR_ENV#environment"
+                --conf "spark.pyspark.python=./environment/bin/python"
+                --conf "spark.pyspark.driver.python=$PYSPARK_DRIVER_PYTHON")
+fi
+# The Delta jars: those of $MIGRALAKE_JARS (.jars/, resolved once by bin/setup; offline), for every master.
+# MIGRALAKE_DELTA=packages asks spark-submit to resolve them from Maven Central (or the mirror of the
+# cluster's Ivy settings) instead.
+if [[ "${MIGRALAKE_DELTA:-jars}" == packages ]]; then
   submit_args+=(--packages "$DELTA_PACKAGE")
+else
+  compgen -G "$JARS/*.jar" >/dev/null || { echo "spark-submit.sh: no jars in $JARS (run bin/setup, or set MIGRALAKE_JARS, or MIGRALAKE_DELTA=packages)" >&2; exit 1; }
+  submit_args+=(--jars "$(ls "$JARS"/*.jar | paste -sd, -)")
 fi
 
 exec "$VENV/bin/spark-submit" "${submit_args[@]}" "${extra[@]}" "$ROOT/jobs/cli.py" run "${job_args[@]}"

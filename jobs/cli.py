@@ -128,8 +128,10 @@ def _run(argv: Sequence[str]) -> int:
     except SetupError as exc:
         print(f"migralake: error: {exc}", file=sys.stderr)
         return 3
-    log.info("job %s: profile=%s master=%s lakehouse=%s", args.job, cfg.profile,
-             spark.sparkContext.master, cfg.lakehouse.resolved_root())
+    sc_conf = spark.sparkContext.getConf()
+    log.info("job %s: profile=%s master=%s app=%s driver_memory=%s lakehouse=%s", args.job, cfg.profile,
+             spark.sparkContext.master, spark.sparkContext.appName, sc_conf.get("spark.driver.memory", "1g"),
+             cfg.lakehouse.resolved_root())
     try:
         result = module.run(spark, cfg, job_args) if job_args is not None else module.run(spark, cfg)
     except JobFailed as exc:

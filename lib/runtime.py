@@ -9,7 +9,9 @@ Reads and writes no tables.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -66,15 +68,60 @@ class RunLog:
         record = StageRecord(name=name, rows_in=rows_in)
         start = time.perf_counter()
         log.info("stage %s: started", name)
+        done = threading.Event()
+        beat = threading.Thread(target=_heartbeat, args=(name, start, done), name=f"progress {name}", daemon=True)
+        beat.start()
         try:
             yield record
         finally:
+            done.set()
             record.seconds = time.perf_counter() - start
             self.stages.append(record)
             log.info(record.line())
 
 
 RUN = RunLog()
+
+PROGRESS_ENV = "MIGRALAKE_PROGRESS_SECONDS"
+
+
+def progress_interval() -> float:
+    """Seconds between the progress lines of a running stage (``$MIGRALAKE_PROGRESS_SECONDS``, default 30;
+    0 turns them off)."""
+    try:
+        return max(0.0, float(os.environ.get(PROGRESS_ENV, "30")))
+    except ValueError:
+        return 30.0
+
+
+def spark_progress() -> str:
+    """What the active SparkContext is doing, e.g. ``Spark stage 14: 3 of 8 tasks done, 2 running``; empty
+    when no Spark job runs. Plain text, one line: the same in a terminal and in a log file."""
+    try:
+        from pyspark import SparkContext
+
+        sc = SparkContext._active_spark_context  # noqa: SLF001 - the process's context, from any thread
+        if sc is None:
+            return ""
+        tracker = sc.statusTracker()
+        parts = []
+        for sid in sorted(tracker.getActiveStageIds()):
+            info = tracker.getStageInfo(sid)
+            if info is not None:
+                parts.append(f"Spark stage {sid}: {info.numCompletedTasks} of {info.numTasks} tasks done, "
+                             f"{info.numActiveTasks} running")
+        return "; ".join(parts)
+    except Exception:  # noqa: BLE001 - progress is best effort; the stage's own outcome is what counts
+        return ""
+
+
+def _heartbeat(name: str, start: float, done: threading.Event) -> None:
+    interval = progress_interval()
+    if interval <= 0:
+        return
+    while not done.wait(interval):
+        spark = spark_progress()
+        log.info("stage %s: running for %.0f s%s", name, time.perf_counter() - start, f" ({spark})" if spark else "")
 
 
 def stage(name: str, rows_in: int | None = None):  # type: ignore[no-untyped-def]

@@ -57,13 +57,20 @@ def _launched_by_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
+def _stderr_is_terminal() -> bool:
+    try:
+        return os.isatty(2)
+    except OSError:
+        return False
+
+
 def get_spark(settings: SparkSettings | None = None, master: str | None = None) -> SparkSession:
     """Return the configured SparkSession (creating it on first use).
 
     ``master`` (from the command line) wins over ``settings.master``.
     """
     settings = settings or SparkSettings()
-    builder = SparkSession.builder.appName(settings.app_name)
+    builder = SparkSession.builder
     conf: dict[str, str] = {
         "spark.sql.extensions": DELTA_EXTENSION,
         "spark.sql.catalog.spark_catalog": DELTA_CATALOG,
@@ -74,8 +81,12 @@ def get_spark(settings: SparkSettings | None = None, master: str | None = None) 
         "spark.python.daemon.module": "lib.pydaemon",
         "spark.sql.shuffle.partitions": str(settings.shuffle_partitions),
         "spark.sql.adaptive.enabled": "true",
-        "spark.ui.showConsoleProgress": str(settings.show_progress).lower(),
+        # Spark's progress bar redraws one line with carriage returns: right on a terminal, kilobytes of noise
+        # in a log file. Long stages log their own progress lines (lib.runtime).
+        "spark.ui.showConsoleProgress": str(settings.show_progress and _stderr_is_terminal()).lower(),
         "spark.ui.enabled": "false",
+        # Executors take the driver's log level (setLogLevel below) once registered: no INFO line per task.
+        "spark.executor.syncLogLevel.enabled": "true",
         "spark.sql.warehouse.dir": str(PROJECT_ROOT / "build" / "spark-warehouse"),
         "spark.driver.extraJavaOptions": (
             f"-Dderby.system.home={PROJECT_ROOT / 'build'} -Dlog4j.configurationFile={LOG4J_CONF}"
@@ -90,7 +101,8 @@ def get_spark(settings: SparkSettings | None = None, master: str | None = None) 
     if not _launched_by_spark_submit():
         # Python workers use this interpreter (the project environment), not the system one.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-        builder = builder.master(master or settings.master)
+        # Under spark-submit its --name is the application's name; otherwise ours.
+        builder = builder.master(master or settings.master).appName(settings.app_name)
         conf["spark.jars"] = ",".join(local_delta_jars())
         conf["spark.driver.memory"] = settings.driver_memory
     conf.update(settings.conf)

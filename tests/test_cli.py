@@ -62,3 +62,47 @@ def test_runs_a_job_locally_through_spark_submit(tmp_path: Path) -> None:
     logs = out.stdout + out.stderr  # spark-submit merges the driver's stderr into stdout
     assert "job tables: done" in logs
     assert "master=local[1]" in logs
+    assert "\r" not in logs, "a carriage-return progress bar in a non-terminal run"
+
+
+def test_an_unreachable_master_fails_at_once_with_a_hint() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: nothing listens there
+    out = submit("tables", "--master", f"spark://127.0.0.1:{port}", timeout=60)
+    assert out.returncode == 1
+    assert f"no Spark master answers at spark://127.0.0.1:{port}" in out.stderr
+    assert "bin/cluster start" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_long_stage_logs_plain_progress_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+    import time
+
+    from lib.runtime import PROGRESS_ENV, RunLog
+
+    monkeypatch.setenv(PROGRESS_ENV, "0.2")
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger("migralake")
+    handler, level = Keep(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with RunLog().stage("slow.stage") as st:
+            time.sleep(0.9)
+            st.rows_out = 5
+        time.sleep(0.5)  # no progress line once the stage is over
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    beats = [m for m in seen if m.startswith("stage slow.stage: running for")]
+    assert len(beats) >= 3, seen
+    assert seen.index(beats[-1]) < next(i for i, m in enumerate(seen) if "rows_out=" in m), seen
+    assert all("\r" not in m and "\n" not in m for m in seen)
