@@ -76,6 +76,64 @@ def accuracy_html(manifest: dict[str, Any]) -> str:
             f"<th>area-adjusted km2 (95%)</th></tr>{body}</table><p>{esc(str(manifest.get('accuracy_note', '')))}</p>")
 
 
+# What a release type's count column counts, for thresholds a reviewer can read ("15 subscribers").
+COUNT_UNITS = {"n_subscribers": "subscribers (distinct pseudonymised SIMs)",
+               "n_users": "authors (distinct pseudonymised accounts)",
+               "n_pixels_valid": "valid pixels (an area, not people: about 0.0009 km2 each for Landsat)"}
+TOTALS = {"cells_in": "cells guarded", "cells_released": "cells released", "withheld": "cells withheld in all",
+          "withheld_primary": "withheld: at or below the threshold (primary)",
+          "withheld_complementary": "withheld: so that primary ones cannot be recovered (complementary)",
+          "withheld_across_slices": "withheld: recoverable across slices (languages, weeks, levels)",
+          "withheld_after_noise": "withheld: at or below the threshold after noise",
+          "noised_or_rounded": "counts noised or rounded", "margins_in": "margins guarded",
+          "slices": "slices (one protected table each)",
+          "complementary_count_total": "sum of the counts withheld as complementary",
+          "cells_coarsened_sensitive": "cells merged into a coarser parent in a sensitive zone",
+          "sensitive_parents": "parents published for sensitive zones"}
+
+
+def plain(value: Any) -> str:
+    """A value as a reviewer reads it: no Python or JSON syntax."""
+    if value is None or value == "" or value == []:
+        return "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.4g}"
+    if isinstance(value, dict):
+        return "; ".join(f"{k.replace('_', ' ')}: {plain(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(plain(v) for v in value)
+    return str(value)
+
+
+def margins_text(margins: list[list[str]] | None) -> str:
+    if not margins:
+        return "none (each cell stands alone)"
+    return "; ".join(f"totals by {' x '.join(m)}" if m else "the grand total" for m in margins)
+
+
+def noise_text(rules: dict[str, Any]) -> str:
+    parts = []
+    if rules.get("rounding_base"):
+        parts.append(f"released counts rounded to multiples of {rules['rounding_base']}")
+    n = rules.get("noise")
+    if n:
+        parts.append(f"{n.get('mechanism', '')} noise, epsilon {n.get('epsilon')}"
+                     + (f", delta {n['delta']}" if n.get("delta") else "")
+                     + f", at most {n.get('contributions_per_slice', 1)} cell(s) per person per slice")
+    return "; ".join(parts) or "none: released counts are exact"
+
+
+def source_text(manifest: dict[str, Any]) -> str:
+    src = manifest.get("source") or {}
+    period = src.get("period")
+    return (f"{src.get('table', '?')}, Delta version {src.get('version', '?')}"
+            + (f", period {period[0]} to {period[1]}" if period else ", whole table"))
+
+
 def report_html(release_id: str, folder: Path, row: dict[str, Any] | None,
                 results: list[tuple[str, bool, str]]) -> str:
     manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").exists() else {}
@@ -88,45 +146,70 @@ def report_html(release_id: str, folder: Path, row: dict[str, Any] | None,
     if (folder / "quicklook.png").exists():
         img = base64.b64encode((folder / "quicklook.png").read_bytes()).decode()
     per_slice = counts.get("per_slice", [])
-    slice_cols = list(per_slice[0].keys()) if per_slice else []
-    rows_html = "".join("<tr>" + "".join(f"<td>{esc(str(r.get(c, '')))}</td>" for c in slice_cols) + "</tr>"
-                        for r in per_slice)
+    slice_by = rules.get("slice_by") or []
+    count_cols = ["cells_in", "cells_released", "withheld_primary", "withheld_complementary"]
+    count_cols += [c for c in ("withheld_across_slices", "withheld_after_noise", "cells_coarsened_sensitive")
+                   if any(r.get(c) for r in per_slice)]
+    slice_cols = [c for c in slice_by if per_slice and c in per_slice[0]] + count_cols
+    order = sorted(per_slice, key=lambda r: -(r.get("withheld_primary", 0) + r.get("withheld_complementary", 0)))
+    rows_html = "".join("<tr>" + "".join(f"<td>{esc(plain(r.get(c)))}</td>" for c in slice_cols) + "</tr>"
+                        for r in order)
     checks = "".join(f"<tr class={'ok' if ok else 'bad'}><td>{esc(c)}</td><td>{'PASS' if ok else 'FAIL'}</td>"
                      f"<td>{esc(d)}</td></tr>" for c, ok, d in results)
     override = manifest.get("override")
     accuracy = accuracy_html(manifest)
+    count_col = rules.get("count_column", "")
+    unit = COUNT_UNITS.get(count_col, f"contributors ({count_col})")
+    pub = manifest.get("publisher") or {}
+    dictionary = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>"
+                         for k, v in (manifest.get("data_dictionary") or {}).items())
+    rasters = "".join(f"<tr><td>{esc(r['file'])}</td><td>{esc(r['area'])}</td><td>{esc(r['date_before'])} to "
+                      f"{esc(r['date_after'])}</td><td>{r['pixels_published']:,}</td><td>{r['pixels_masked']:,}</td>"
+                      "</tr>" for r in manifest.get("rasters") or [])
+    rasters_html = (f"<h2>Rasters</h2><p>{esc(str(manifest.get('rasters_note', '')))}</p><table><tr><th>file</th>"
+                    f"<th>area</th><th>dates</th><th>pixels published</th><th>pixels masked</th></tr>{rasters}"
+                    "</table>") if rasters else ""
+    totals = "".join(f"<tr><th>{esc(TOTALS.get(k, k.replace('_', ' ')))}</th><td>{esc(plain(v))}</td></tr>"
+                     for k, v in counts.get("totals", {}).items())
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <title>migralake release {esc(release_id)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;margin:1em 0;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 8px}}
+table{{border-collapse:collapse;margin:1em 0;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 8px;
+text-align:left;vertical-align:top}}
 tr.ok td:nth-child(2){{color:#060;font-weight:bold}}tr.bad td:nth-child(2){{color:#b00;font-weight:bold}}
 .verdict{{font-size:1.3em;padding:.5em;border-radius:4px;background:{'#e6f4e6' if passed else '#fbe3e3'}}}
-.scroll{{max-height:420px;overflow:auto}}</style></head><body>
+.scroll{{max-height:420px;overflow:auto}}img{{max-width:100%;height:auto}}</style></head><body>
 <h1>Release {esc(release_id)}</h1>
 <p class="verdict">Verification: <b>{'PASSED' if passed else 'FAILED'}</b></p>
-<h2>Release</h2><table>
-<tr><th>type</th><td>{esc(str(manifest.get('release_type', '')))}</td></tr>
+<h2>Request</h2><table>
+<tr><th>release type</th><td>{esc(str(manifest.get('release_type', '')))}</td></tr>
+<tr><th>requested by</th><td>{esc(plain(manifest.get('requester')))}</td></tr>
+<tr><th>purpose</th><td>{esc(plain(manifest.get('purpose')) if manifest.get('purpose') else 'not stated')}</td></tr>
 <tr><th>created</th><td>{esc(str(manifest.get('created_at', '')))}</td></tr>
-<tr><th>requester</th><td>{esc(str(manifest.get('requester', '')))}</td></tr>
-<tr><th>source</th><td>{esc(json.dumps(manifest.get('source', {})))}</td></tr>
+<tr><th>source</th><td>{esc(source_text(manifest))}</td></tr>
+<tr><th>published by</th><td>{esc(plain(pub.get('name')))}, contact {esc(plain(pub.get('contact')))},
+ licence {esc(plain(pub.get('licence')))}</td></tr>
 <tr><th>how to cite</th><td>{esc(str(manifest.get('how_to_cite', '')))}</td></tr></table>
 <h2>Policy and approval</h2><table>
-<tr><th>approved by</th><td>{esc(str(policy.get('approved_by')))}</td></tr>
-<tr><th>approved on</th><td>{esc(str(policy.get('approved_on')))}</td></tr>
-<tr><th>profile</th><td>{esc(str(policy.get('profile')))}</td></tr>
-<tr><th>threshold</th><td>counts at or below {esc(str(rules.get('suppress_at_or_below')))} withheld
- (floor {esc(str(policy.get('floor')))})</td></tr>
-<tr><th>margins</th><td>{esc(json.dumps(rules.get('margins')))}</td></tr>
-<tr><th>rounding / noise</th><td>{esc(str(rules.get('rounding_base')))} / {esc(json.dumps(rules.get('noise')))}</td></tr>
+<tr><th>approved by</th><td>{esc(plain(policy.get('approved_by')))}</td></tr>
+<tr><th>approved on</th><td>{esc(plain(policy.get('approved_on')))}</td></tr>
+<tr><th>profile</th><td>{esc(plain(policy.get('profile')))}</td></tr>
+<tr><th>threshold</th><td>a cell counting {esc(str(rules.get('suppress_at_or_below')))} or fewer {esc(unit)} is
+ withheld (platform floor {esc(plain(policy.get('platform_floor')))}, in force {esc(plain(policy.get('floor')))})</td></tr>
+<tr><th>one protected table per</th><td>{esc(', '.join(slice_by) or 'the whole table')}</td></tr>
+<tr><th>cells</th><td>{esc(' x '.join(rules.get('cells') or []))}</td></tr>
+<tr><th>margins published</th><td>{esc(margins_text(rules.get('margins')))}</td></tr>
+<tr><th>rounding and noise</th><td>{esc(noise_text(rules))}</td></tr>
 <tr><th>policy hash</th><td><code>{esc(str(manifest.get('policy_hash')))}</code></td></tr>
-<tr><th>override</th><td>{esc(json.dumps(override)) if override else 'none'}</td></tr></table>
-<h2>Suppression</h2><table>{''.join(f'<tr><th>{esc(k)}</th><td>{v}</td></tr>'
-                                    for k, v in counts.get('totals', {}).items())}</table>
-<div class="scroll"><table><tr>{''.join(f'<th>{esc(c)}</th>' for c in slice_cols)}</tr>{rows_html}</table></div>
-<h2>Quick look</h2>{f'<img alt="quick-look plot" src="data:image/png;base64,{img}" style="max-width:100%">' if img
-                    else '<p>no plot</p>'}
+<tr><th>override</th><td>{esc(plain(override)) if override else 'none'}</td></tr></table>
+<h2>Suppression</h2><table>{totals}</table>
+<p>Per slice, most withheld first:</p>
+<div class="scroll"><table><tr>{''.join(f'<th>{esc(c.replace("_", " "))}</th>' for c in slice_cols)}</tr>
+{rows_html}</table></div>
+<h2>Quick look</h2>{f'<img alt="quick-look plot" src="data:image/png;base64,{img}">' if img else '<p>no plot</p>'}
 <p>{esc(str(manifest.get('quicklook', '')))}</p>
-{accuracy}<h2>Verification checks</h2><table><tr><th>check</th><th>result</th><th>detail</th></tr>{checks}</table>
+{rasters_html}{accuracy}<h2>Data dictionary</h2><table>{dictionary}</table>
+<h2>Verification checks</h2><table><tr><th>check</th><th>result</th><th>detail</th></tr>{checks}</table>
 <p>Files: {esc(', '.join(sorted(manifest.get('files', {}))))}</p>
 </body></html>"""
 

@@ -1,6 +1,7 @@
 """Release: the only way data leaves the platform. Guard a gold table, export it, record it.
 
-    ./spark-submit.sh release <type> [--period START:END] [--requester NAME] [--override-reason TEXT]
+    ./spark-submit.sh release <type> [--period START:END] [--requester NAME] [--purpose TEXT]
+                                     [--override-reason TEXT]
 
 Reads the release type's source table (conf/privacy.yaml), for the period when
 given, guards every slice on the executors and publishes the result all at once
@@ -35,13 +36,15 @@ __all__ = ["ReleaseError", "add_arguments", "release", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("release_type", help="a release type of conf/privacy.yaml, e.g. cdr_od")
     parser.add_argument("--requester", default=None, help="who asks for the release (default: the OS user)")
+    parser.add_argument("--purpose", default=None,
+                        help="what the release is for, in the requester's words (manifest and reviewer report)")
     parser.add_argument("--override-reason", default=None,
                         help="written reason to release under a policy without approval or below the floor")
 
 
 def run(spark: SparkSession, cfg: Config, args: argparse.Namespace) -> int:
     try:
-        out = release(spark, cfg, args.release_type, args.requester, args.override_reason)
+        out = release(spark, cfg, args.release_type, args.requester, args.override_reason, args.purpose)
     except (ReleaseError, PolicyError, guard.GuardError, signing.SigningKeyError, PseudonymKeyError) as exc:
         print(f"migralake: release refused: {exc}")
         return 4

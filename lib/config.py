@@ -394,6 +394,10 @@ class SocialSettings(_Section):
     batch_size: int = Field(64, ge=1, le=4096)
     torch_threads: int = Field(1, ge=1, le=256)  # per Python worker; workers = Spark task slots
     tasks_per_slot: int = Field(1, ge=1, le=64)  # scoring tasks per Spark task slot
+    # Posts are scored in groups fixed by the posts themselves (about this many each, by a hash of the post
+    # key), never by the partitioning: a post's batch-mates, and so its score to the last bit, are the same on
+    # any cluster layout.
+    score_group_size: int = Field(1024, ge=64, le=1_000_000)
     # auto: bf16 on CPUs with native bfloat16 (AVX512-BF16, AMX), else fp32; int8: dynamic quantisation
     # (check the label agreement ./bench/run social prints before using bf16 or int8 with another model)
     precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"

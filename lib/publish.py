@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -159,17 +161,22 @@ def h3_polygons(cells: pd.Series, column: str) -> Any:
 
     uniq = list(cells.dropna().unique())
     shapes = [Polygon([(lng, lat) for lat, lng in h3.cell_to_boundary(u)]) for u in uniq]
-    return gpd.GeoDataFrame({column: uniq}, geometry=shapes, crs=4326)
+    # The cell's own resolution: a cell coarsened to its parent (e.g. in a sensitive zone) says so.
+    return gpd.GeoDataFrame({column: uniq, "h3_cell_resolution": [h3.get_resolution(u) for u in uniq]},
+                            geometry=shapes, crs=4326)
 
 
 def spatial_files(cells: pd.DataFrame, polygons: Any, key: str, count_column: str, folder: Path,
-                  what: str) -> str:
+                  what: str, integers: Sequence[str] = ()) -> str:
     """cells.geojson and cells.geoparquet: one feature per guarded cell with its unit's polygon.
 
     Withheld cells keep an empty count and their status. Every cell must have a polygon."""
     import geopandas as gpd
 
     out = polygons.merge(cells, on=key, how="inner")
+    for c in integers:  # integer columns with empty (withheld) values stay integers, not 44.0
+        if c in out.columns:
+            out[c] = out[c].astype("Int64")
     missing = set(cells[key].dropna()) - set(out[key])
     if missing:
         raise ValueError(f"units {sorted(map(str, missing))[:5]} have no polygon ({what})")
@@ -198,3 +205,98 @@ def draw_generic(release_type: str, slice_by: list[str], cells: pd.DataFrame, pa
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return f"{release_type}: released and withheld cells per {key}"
+
+
+# ----------------------------------------------------------------------------- STAC
+
+
+@dataclass(frozen=True)
+class StacInfo:
+    """What a release's STAC item says beyond its files."""
+
+    release_id: str
+    title: str
+    description: str
+    created: datetime
+    start: date | None
+    end: date | None
+    publisher: str | None
+    contact: str | None
+    licence: str
+    url: str | None
+    extra: dict[str, Any]
+
+
+MEDIA = {".csv": ("text/csv", ["data"]), ".parquet": ("application/vnd.apache.parquet", ["data"]),
+         ".geoparquet": ("application/vnd.apache.parquet", ["data"]),
+         ".geojson": ("application/geo+json", ["data"]),
+         ".tif": ("image/tiff; application=geotiff; profile=cloud-optimized", ["data"]),
+         ".png": ("image/png", ["overview"]), ".json": ("application/json", ["metadata"]),
+         ".sig": ("text/plain", ["metadata"]), ".pub": ("text/plain", ["metadata"])}
+STAC_FILE = "stac-item.json"
+LATER = ("manifest.json", "manifest.sig", "signing_key.pub")  # written after the item, in the same folder
+
+
+def _raster_footprint(path: Path) -> tuple[tuple[float, float, float, float], str | None, list[int], list[float]]:
+    """EPSG:4326 bounds, the CRS code, shape and transform of a GeoTIFF."""
+    import rasterio
+    from rasterio.warp import transform_bounds
+
+    with rasterio.open(path) as src:
+        epsg = src.crs.to_epsg() if src.crs else None
+        bounds = transform_bounds(src.crs, "EPSG:4326", *src.bounds) if src.crs else src.bounds
+        return (tuple(bounds), f"EPSG:{epsg}" if epsg else None,  # type: ignore[return-value]
+                [src.height, src.width], list(src.transform)[:6])
+
+
+def stac_item(folder: Path, info: StacInfo) -> str:
+    """``stac-item.json``: a STAC 1.1 Item for the release describing every file of the folder (media type,
+    role, CRS of each raster through the projection extension), with the release's spatial extent (the union
+    of its cells' polygons and rasters, EPSG:4326), its period, licence and publisher. Returns a caption."""
+    import pystac
+    from pystac.extensions.projection import ProjectionExtension
+    from shapely.geometry import box, mapping
+
+    boxes: list[tuple[float, float, float, float]] = []
+    rasters: dict[str, tuple[str | None, list[int], list[float]]] = {}
+    if (folder / "cells.geoparquet").exists():
+        import geopandas as gpd
+
+        boxes.append(tuple(gpd.read_parquet(folder / "cells.geoparquet").total_bounds.tolist()))  # type: ignore[arg-type]
+    for tif in sorted(folder.glob("*.tif")):
+        bounds, code, shape, transform = _raster_footprint(tif)
+        boxes.append(bounds)
+        rasters[tif.name] = (code, shape, transform)
+    bbox = ([min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
+            if boxes else None)
+    both = info.start is not None and info.end is not None
+    start = datetime.combine(info.start, time.min, UTC) if both and info.start else None
+    end = datetime.combine(info.end, time.max.replace(microsecond=0), UTC) if both and info.end else None
+    props: dict[str, Any] = {"title": info.title, "description": info.description,
+                             "created": info.created.isoformat().replace("+00:00", "Z"), **info.extra}
+    item = pystac.Item(id=info.release_id, geometry=mapping(box(*bbox)) if bbox else None, bbox=bbox,
+                       datetime=None if start else info.created, start_datetime=start, end_datetime=end,
+                       properties=props)
+    item.common_metadata.license = info.licence
+    if info.publisher:
+        item.common_metadata.providers = [pystac.Provider(
+            name=info.publisher, roles=[pystac.ProviderRole.PRODUCER, pystac.ProviderRole.LICENSOR,
+                                        pystac.ProviderRole.HOST],
+            url=info.url, description=f"contact: {info.contact}" if info.contact else None)]
+    names = sorted({p.name for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()} | set(LATER))
+    for name in names:
+        if name == STAC_FILE:
+            continue
+        media, roles = MEDIA.get(Path(name).suffix, ("application/octet-stream", ["data"]))
+        asset = pystac.Asset(href=f"./{name}", media_type=media, roles=roles, title=name)
+        item.add_asset(name.replace(".", "_"), asset)
+        if name in rasters:
+            code, shape, transform = rasters[name]
+            proj = ProjectionExtension.ext(asset, add_if_missing=True)
+            proj.apply(code=code, shape=shape, transform=transform)
+    if boxes:  # the vector files are in EPSG:4326 (GeoJSON: CRS84)
+        ProjectionExtension.ext(item, add_if_missing=True).apply(code="EPSG:4326")
+    (folder / STAC_FILE).write_text(json.dumps(item.to_dict(include_self_link=False, transform_hrefs=False),
+                                               indent=2) + "\n", encoding="utf-8")
+    return (f"{STAC_FILE}: STAC 1.1 item of the release ({len(names)} files, extent "
+            + (", ".join(f"{v:.4f}" for v in bbox) if bbox else "none") + f", licence {info.licence})")

@@ -61,7 +61,7 @@ def released(spark: SparkSession, tmp_path_factory):  # type: ignore[no-untyped-
     cfg = config(tmp)
     lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
     gold_od(spark, lake)
-    out = release.release(spark, cfg, "cdr_od", requester="tester")
+    out = release.release(spark, cfg, "cdr_od", requester="tester", purpose="flows between A, B and C")
     return cfg, lake, out, tmp
 
 
@@ -85,7 +85,7 @@ def test_release_exports_guarded_rows_files_and_an_audit_record(spark: SparkSess
     folder = Path(out["path"])
     assert sorted(p.name for p in folder.iterdir()) == [
         "cells.csv", "cells.parquet", "manifest.json", "manifest.sig", "margins.csv", "margins.parquet",
-        "quicklook.png", "signing_key.pub"]
+        "quicklook.png", "signing_key.pub", "stac-item.json"]
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["policy"]["rules"]["suppress_at_or_below"] == 15
     assert manifest["source"]["table"] == "gold.cdr_od_daily" and manifest["source"]["version"] == lake.version("gold.cdr_od_daily")
@@ -166,6 +166,39 @@ def test_report_is_a_self_contained_html_page(spark: SparkSession, released) -> 
     assert "Verification: <b>PASSED</b>" in page and "data:image/png;base64," in page
     assert "http://" not in page and "https://" not in page  # opens with no network
     assert "Lakeland Statistics Office ethics board" in page
+    from html.parser import HTMLParser
+
+    class Reader(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.text: list[str] = []
+            self.refs: list[str] = []
+            self.tags: list[str] = []
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            self.tags.append(tag)
+            self.refs += [v or "" for k, v in attrs if k in ("src", "href")]
+
+        def handle_data(self, data: str) -> None:
+            self.text.append(data)
+
+    reader = Reader()
+    reader.feed(page)
+    reader.close()
+    assert reader.refs and all(r.startswith("data:") for r in reader.refs)  # the plot is inline; nothing else
+    text = " ".join(" ".join(reader.text).split())
+    # The policy as sentences, not Python or JSON values.
+    assert "a cell counting 15 or fewer subscribers" in text
+    assert "totals by origin; totals by destination; the grand total" in text
+    assert "none: released counts are exact" in text
+    before_dictionary = text.split("Data dictionary")[0]  # the dictionary's prose may say "null"
+    for raw in ("None", "null", "[[", "{\"", "['"):
+        assert raw not in before_dictionary, raw
+    # Who asked and why; the data dictionary; the slice with the most withheld cells first.
+    assert "requested by tester" in text and "purpose flows between A, B and C" in text
+    assert "Data dictionary" in text and "distinct contributors" in text
+    first_row = text.split("withheld complementary", 1)[1].split()[:2]
+    assert first_row[0] == str(DAY1)  # DAY1 holds the withheld cells
 
 
 def test_budget_ledger_refuses_an_overspend(spark: SparkSession, tmp_path: Path) -> None:

@@ -11,12 +11,15 @@ A second run of the synth area with one window for the whole scene checks that w
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import rasterio
+import rasterio.windows
+import shapely
 from pyspark.sql import functions as F
 
 from jobs.demo import raster_synth
@@ -274,7 +277,52 @@ def test_settlement_release_coarsens_sensitive_zones_and_withholds_measures(worl
     assert len(withheld) > 0  # thin edge cells of the warped scene and the nodata block
     results = audit.verify_files(Path(out["path"]))
     assert all(ok for _, ok, _ in results), results
-    assert (Path(out["path"]) / "cells.geojson").exists()
+    folder = Path(out["path"])
+    # Partners' files: integer counts as integers, each cell's true H3 resolution.
+    feats = json.loads((folder / "cells.geojson").read_text())["features"]
+    props = [f["properties"] for f in feats if f["properties"]["area"] == "synth"]
+    assert all(isinstance(p["n_pixels_valid"], int) for p in props if p["status"] == "released")
+    assert all(p["n_pixels_valid"] is None for p in props if p["status"] != "released")
+    assert {p["h3_cell_resolution"] for p in props} == {7, 8}
+    assert all(p["h3_cell_resolution"] == h3.get_resolution(p["h3_index"]) for p in props)
+    # The change raster in the release folder: a COG with its classes, showing released cells' pixels only.
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = next(r for r in manifest["rasters"] if r["area"] == "synth")
+    cog = folder / entry["file"]
+    assert cog.name in manifest["files"] and entry["pixels_masked"] > 0 and entry["pixels_published"] > 0
+    from jobs.remote_sensing.change import rasters_root
+
+    source = (rasters_root(cfg) / "settlement_change" / "synth"
+              / f"{entry['date_before']}_{entry['date_after']}" / "change.tif")
+    with rasterio.open(cog) as dst, rasterio.open(source) as src:
+        assert dst.profile.get("tiled") and dst.overviews(1), "not a cloud-optimised GeoTIFF"
+        assert dst.descriptions[0] == "built-up change class"
+        assert dst.tags(1)["class_3"] == "new built-up" and dst.colormap(1)[3][:3] == (220, 30, 30)
+        got, orig = dst.read(1), src.read(1)
+        grid = pixels.Grid(src.crs.to_wkt(), tuple(src.transform)[:6], src.width, src.height)
+        lon, lat = pixels.pixel_centres(grid, rasterio.windows.Window(0, 0, src.width, src.height))
+    kept = got != pixels.INVALID
+    assert (got[kept] == orig[kept]).all()  # published pixels are the change classes as computed
+    # Attack: every published pixel must lie in a cell released at full resolution; none in the zone.
+    cell_of = pixels.h3_index(lon[kept], lat[kept], 8)
+    released_fine = {h3.str_to_int(c) for c in released["h3_index"] if h3.get_resolution(c) == 8}
+    assert set(np.unique(cell_of).tolist()) <= released_fine
+    in_zone = shapely.contains_xy(zone_geom, lon, lat)
+    assert in_zone.any() and not (kept & in_zone).any()
+    # The STAC item describes every file, with extent, CRS, licence and publisher; it validates (core schema).
+    import pystac
+    from pystac.validation import validate_dict
+
+    item_dict = json.loads((folder / "stac-item.json").read_text())
+    validate_dict(item_dict, extensions=[])
+    item = pystac.Item.from_dict(item_dict)
+    hrefs = {a.href.lstrip("./") for a in item.assets.values()}
+    assert hrefs == {p.name for p in folder.iterdir() if p.name != "stac-item.json"}
+    assert item.properties["license"] == "CC-BY-4.0" and item.common_metadata.providers
+    west, south, east, north = item.bbox
+    assert west <= lon.min() + 0.01 and east >= lon.max() - 0.01 and south <= lat.min() + 0.01
+    with rasterio.open(cog) as dst:
+        assert item.assets[cog.name.replace(".", "_")].extra_fields["proj:code"] == f"EPSG:{dst.crs.to_epsg()}"
 
 
 @pytest.mark.parametrize("resolution", [7, 8])

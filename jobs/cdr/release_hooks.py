@@ -71,5 +71,14 @@ def one_level(cfg: Config, rt: ReleaseType, df: DataFrame) -> DataFrame:
     return df.filter(F.col("spatial_unit") == cfg.cdr.spatial_unit)
 
 
+def event_slice(cfg: Config, rt: ReleaseType) -> dict[str, str] | None:
+    """The event day's flows (cdr_od, by date) or the first week after it (cdr_displacement)."""
+    if "week_since_event" in rt.slice_by:
+        return {"week_since_event": "0"}
+    if "date" in rt.slice_by and cfg.cdr.event_date:
+        return {"date": cfg.cdr.event_date.isoformat()}
+    return None
+
+
 HOOKS = register("cdr", ReleaseHooks(parents=parents, polygons=polygons, draw=_draw, rows=one_level,
-                                     level_column="spatial_unit"))
+                                     level_column="spatial_unit", event=event_slice))

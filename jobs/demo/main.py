@@ -247,6 +247,16 @@ def cdr_demo(spark: SparkSession, cfg: Config, input_dir: Path) -> list[str]:
     return lines
 
 
+DEMO_PURPOSES = {
+    "cdr_presence": "daily presence per area around the planted displacement event, for a humanitarian situation "
+                    "report",
+    "cdr_od": "daily origin-destination flows to see where people moved after the planted event",
+    "cdr_displacement": "weekly counts of people away from their baseline home since the planted event",
+    "settlement_change": "new built-up area per H3 cell between two dates, to locate settlement growth",
+    "social_sentiment": "weekly sentiment about migration per region and language around the planted event",
+}
+
+
 def releases(spark: SparkSession, cfg: Config, lake: Lakehouse, types: tuple[str, ...]) -> list[str]:
     """Release outputs through the guard, verify each from its files, write reviewer reports."""
     from jobs import audit, release
@@ -257,7 +267,8 @@ def releases(spark: SparkSession, cfg: Config, lake: Lakehouse, types: tuple[str
     reports.mkdir(parents=True, exist_ok=True)
     for rtype in types:
         with stage(f"demo.release {rtype}"):
-            r = release.release(spark, cfg, rtype, requester="demo")
+            r = release.release(spark, cfg, rtype, requester="migralake demo (synthetic partner request)",
+                                purpose=DEMO_PURPOSES.get(rtype, "demonstration of a guarded release"))
             row = audit.audit_row(lake, r["release_id"])
             trusted, _ = signing.trusted_public_key(cfg.privacy)
             results = audit.verify_release(lake, Path(r["path"]), r["release_id"], None, trusted)

@@ -213,7 +213,10 @@ def _measures(df: DataFrame) -> DataFrame:
 
 def summarise(parts: DataFrame, pair_meta: DataFrame, kind: str) -> DataFrame:
     """Sum the window parts of one kind per pair and unit; add the pair's dates and the measures."""
-    sums = [F.sum(c).alias(c) for c in pixels.SUM_COLUMNS]
+    # Areas are summed as decimals: exact, so the same windows give the same km2 whatever order Spark adds
+    # them in (counts are integers already).
+    sums = [(F.sum(F.col(c).cast("decimal(38,18)")).cast("double") if c.startswith("km2") else F.sum(c)).alias(c)
+            for c in pixels.SUM_COLUMNS]
     agg = parts.filter(F.col("kind") == kind).groupBy("pair_id", "level", "unit").agg(*sums)
     return _measures(agg.join(pair_meta, on="pair_id", how="inner"))
 
@@ -249,7 +252,8 @@ def mosaic_vrt(grid: Grid, files: list[Path]) -> str:
     return (f'<VRTDataset rasterXSize="{grid.width}" rasterYSize="{grid.height}">'
             f"<SRS>{escape(grid.crs_wkt)}</SRS>"
             f"<GeoTransform>{t[2]!r}, {t[0]!r}, {t[1]!r}, {t[5]!r}, {t[3]!r}, {t[4]!r}</GeoTransform>"
-            f'<VRTRasterBand dataType="Byte" band="1"><Metadata>{meta}</Metadata>'
+            f'<VRTRasterBand dataType="Byte" band="1"><Description>built-up change class</Description>'
+            f"<Metadata>{meta}</Metadata>"
             f"<NoDataValue>{pixels.INVALID}</NoDataValue><ColorInterp>Palette</ColorInterp>"
             f"<ColorTable>{entries}</ColorTable>{''.join(sources)}</VRTRasterBand></VRTDataset>")
 

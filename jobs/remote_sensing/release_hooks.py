@@ -58,6 +58,9 @@ def prepare(cfg: Config, rt: ReleaseType, frame: pd.DataFrame) -> tuple[pd.DataF
     keys = [*rt.slice_by, *rt.cells]
     ratios = ("change_pct", "valid_fraction")  # recomputed below; every other measure is a count or an area
     summed = [c for c in out.columns if c not in keys and c not in ratios]
+    # Children in a fixed order (by parent, then child cell): the float sums do not depend on the row order
+    # the table was read in.
+    out = out.assign(_child=frame["h3_index"]).sort_values([*keys, "_child"], kind="stable").drop(columns="_child")
     agg = out.groupby(keys, sort=True, dropna=False)[summed].sum().reset_index()
     if {"change_pct", "change_km2", "built_km2_before"} <= set(out.columns):
         before = agg["built_km2_before"]
@@ -105,5 +108,89 @@ def accuracy_notes(lake: Lakehouse, cfg: Config, rt: ReleaseType, cells: DataFra
             "within each map class make the intervals indicative."}
 
 
+def masked_rasters(cfg: Config, rt: ReleaseType, folder: Path) -> dict[str, Any]:
+    """The change COG of every released pair, in the release folder, showing only the pixels of released cells.
+
+    A pixel is published where its H3 cell at the slice's resolution is released as itself: pixels of withheld
+    cells, and of cells merged into a parent in a sensitive zone, become nodata (class 0, "invalid"). The
+    class colour map, class names and band description come along; the file is a COG again."""
+    from jobs.remote_sensing.change import rasters_root
+
+    if rt.cells != ["h3_index"] or not {"area", "date_before", "date_after", "h3_resolution"} <= set(rt.slice_by):
+        return {}
+    cells = pd.read_parquet(folder / "cells.parquet",
+                            columns=["area", "date_before", "date_after", "h3_resolution", "h3_index", "status"])
+    root = rasters_root(cfg) / "settlement_change"
+    zones = None
+    if cfg.remote_sensing.sensitive_zones_path:
+        import geopandas as gpd
+
+        zones = gpd.read_file(Path(cfg.remote_sensing.sensitive_zones_path)).to_crs(4326).union_all()
+    written, missing = [], []
+    for (area, d0, d1, res), grp in cells.groupby(["area", "date_before", "date_after", "h3_resolution"],
+                                                 sort=True):
+        src = root / str(area) / f"{d0}_{d1}" / "change.tif"
+        name = f"change_{area}_{d0}_{d1}_h3r{res}.tif"
+        if not src.exists():
+            missing.append(str(src))
+            continue
+        released = grp.loc[(grp["status"] == "released") & grp["h3_index"].notna(), "h3_index"]
+        kept = mask_to_cells(src, folder / name, released.tolist(), int(res), zones)
+        written.append({"file": name, "area": str(area), "date_before": str(d0), "date_after": str(d1),
+                        "h3_resolution": int(res), "pixels_published": kept[0], "pixels_masked": kept[1]})
+    return {"rasters": written, "rasters_note": (
+        "change class per pixel (0 invalid/masked, 1 not built, 2 stable built-up, 3 new built-up, 4 lost "
+        "built-up), Cloud Optimized GeoTIFF in the scene's CRS; only pixels of cells released as themselves")
+        + (f"; no change raster found for {len(missing)} slice(s): {missing[:3]}" if missing else "")}
+
+
+def mask_to_cells(src_path: Path, dst_path: Path, released: list[str], resolution: int,
+                  zones: Any = None) -> tuple[int, int]:
+    """Copy a change COG keeping only pixels whose H3 cell (at ``resolution``) is in ``released`` and whose
+    centre lies outside the sensitive ``zones`` (a shapely geometry in EPSG:4326; a cell released whole can
+    still reach into a zone); returns the valid pixels kept and masked."""
+    import rasterio
+    import rasterio.shutil
+    import shapely
+    from rasterio.windows import Window
+
+    from jobs.remote_sensing import pixels
+
+    keep = np.array(sorted(h3.str_to_int(c) for c in released if h3.get_resolution(c) == resolution),
+                    dtype=np.uint64)
+    tmp = dst_path.with_name(dst_path.name + ".partial.tif")
+    kept = masked = 0
+    with rasterio.open(src_path) as src:
+        profile = {**src.profile, "driver": "GTiff", "tiled": True, "blockxsize": 256, "blockysize": 256,
+                   "compress": "deflate"}
+        profile.pop("interleave", None)
+        grid = pixels.Grid(src.crs.to_wkt(), tuple(src.transform)[:6], src.width, src.height)
+        tags, cmap = src.tags(1), src.colormap(1)
+        with rasterio.open(tmp, "w", **profile) as dst:
+            step = 1024
+            for r in range(0, src.height, step):
+                for c in range(0, src.width, step):
+                    w = Window(c, r, min(step, src.width - c), min(step, src.height - r))
+                    data = src.read(1, window=w)
+                    valid = data != pixels.INVALID
+                    if valid.any():
+                        lon, lat = pixels.pixel_centres(grid, w)
+                        cells = pixels.h3_index_fast(grid, w, lon, lat, resolution)
+                        ok = valid & np.isin(cells, keep)
+                        if zones is not None:
+                            ok &= ~shapely.contains_xy(zones, lon, lat)
+                        kept += int(ok.sum())
+                        masked += int((valid & ~ok).sum())
+                        data = np.where(ok, data, pixels.INVALID).astype(data.dtype)
+                    dst.write(data, 1, window=w)
+            dst.update_tags(1, **tags)
+            dst.write_colormap(1, cmap)
+            dst.set_band_description(1, "built-up change class")
+    rasterio.shutil.copy(tmp, dst_path, driver="COG", compress="DEFLATE", blocksize=256,
+                         overview_resampling="nearest")
+    tmp.unlink()
+    return kept, masked
+
+
 HOOKS = register("remote_sensing", ReleaseHooks(inputs=tuple(INPUTS), prepare=prepare, draw=_draw,
-                                                  notes=accuracy_notes))
+                                                  notes=accuracy_notes, files=masked_rasters))

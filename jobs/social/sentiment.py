@@ -7,12 +7,14 @@ Writes: ``silver.social_posts`` (upsert by post), ``gold.social_sentiment``
 (recomputed from silver), then erases post text older than
 ``social.text_retention_days`` from bronze (and vacuums the files that held it).
 
-Everything per post runs on executors through Arrow batches (``mapInPandas``):
-language (the post's field, else py3langid: offline, its model ships in the
+Everything per post runs on executors through Arrow batches (``applyInPandas``
+over scoring groups that the posts themselves fix: a hash of the post key, so
+the same inputs give the same scores to the last bit on any layout): language (the post's field, else py3langid: offline, its model ships in the
 wheel, 97 languages, ~1 ms a post), migration terms (word boundaries, case- and
 accent-insensitive), place (coordinates or place centre -> H3 and admin area),
 and sentiment of on-topic posts with the transformers model, loaded once per
 Python worker and applied to length-sorted batches. No text leaves the task.
+Gold means are exact decimal sums (independent of the order rows are added in).
 The stage's workers fork from a daemon that has imported torch, transformers and
 the model's classes once (lib/pydaemon.py), and a one-task job loads the model
 into a first worker while the posts are read and shuffled.
@@ -21,6 +23,7 @@ into a first worker while the posts are read and shuffled.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import threading
@@ -202,6 +205,13 @@ def posts_to_silver(batches: Iterable[pd.DataFrame], job: Scoring) -> Iterator[p
         yield out
 
 
+def score_group(df: pd.DataFrame, job: Scoring) -> pd.DataFrame:
+    """One scoring group in post-key order: the same rows give the same batches, whatever the partitioning."""
+    df = df.drop(columns="_group").sort_values("post_key", kind="stable").reset_index(drop=True)
+    out = list(posts_to_silver([df], job))
+    return out[0] if out else pd.DataFrame(columns=spec("silver.social_posts").schema.fieldNames())
+
+
 def _load_model(batches: Iterable[pd.DataFrame], job: Scoring) -> Iterator[pd.DataFrame]:
     for _batch in batches:
         pass
@@ -234,6 +244,9 @@ def warm_workers(spark: SparkSession, n: int, job: Scoring) -> threading.Thread:
 # ----------------------------------------------------------------------------- gold
 
 
+EXACT = "decimal(38,18)"  # a score in [-1, 1] to 1e-18: sums of up to 1e19 posts, exact and order-free
+
+
 def series(silver: DataFrame) -> DataFrame:
     """Sentiment series per period x region x language (+ 'all') and national, from counted posts."""
     base = silver.filter("counted")
@@ -252,7 +265,9 @@ def series(silver: DataFrame) -> DataFrame:
                     F.sum(F.when(F.col("sentiment") == "negative", 1).otherwise(0)).alias("_neg"),
                     F.sum(F.when(F.col("sentiment") == "neutral", 1).otherwise(0)).alias("_neu"),
                     F.sum(F.when(F.col("sentiment") == "positive", 1).otherwise(0)).alias("_pos"),
-                    F.avg(F.when(F.col("on_topic"), F.col("score"))).alias("mean_score"),
+                    # Exact: decimal addition does not depend on the order Spark adds the rows in.
+                    F.sum(F.when(F.col("on_topic"), F.col("score").cast(EXACT))).alias("_score_sum"),
+                    F.count(F.when(F.col("on_topic"), F.col("score"))).alias("_scored"),
                     F.count("*").alias("n_posts_all"),
                 )
                 frames.append(agg)
@@ -264,7 +279,8 @@ def series(silver: DataFrame) -> DataFrame:
                     (F.col("_neg") / F.col("n_posts")).alias("share_negative"),
                     (F.col("_neu") / F.col("n_posts")).alias("share_neutral"),
                     (F.col("_pos") / F.col("n_posts")).alias("share_positive"),
-                    "mean_score", "n_posts_all",
+                    F.when(F.col("_scored") > 0, (F.col("_score_sum") / F.col("_scored")).cast("double"))
+                    .alias("mean_score"), "n_posts_all",
                     (F.col("n_posts") / F.col("n_posts_all") * 10_000.0).alias("posts_per_10k")))
 
 
@@ -317,27 +333,36 @@ def scoring_job(cfg: Config) -> Scoring:
                    exclude_duplicates=social.exclude_duplicates)
 
 
-def write_silver(spark: SparkSession, lake: Lakehouse, bronze: DataFrame, job: Scoring, tasks_per_slot: int) -> int:
+def write_silver(spark: SparkSession, lake: Lakehouse, bronze: DataFrame, job: Scoring, tasks_per_slot: int,
+                 group_size: int = 1024) -> int:
     """Score every post on the executors into silver.social_posts (merged by post); returns the rows written."""
     with stage("social.sentiment -> silver.social_posts") as st:
         # One silver row per post: a post delivered twice keeps its first delivery (the other is a flagged
         # duplicate in bronze); copies under other ids are separate posts, flagged is_duplicate.
-        first = Window.partitionBy("post_key").orderBy("is_duplicate", "source_file", "line_number")
+        first = Window.partitionBy("_group", "post_key").orderBy("is_duplicate", "source_file", "line_number")
         slots = max(spark.sparkContext.defaultParallelism, 1)
         # The stage's workers fork from a daemon that imports torch, transformers and the model's classes once
         # (lib/pydaemon.py). A one-task job starts that daemon and loads the model into a first worker while
         # the other task slot reads and shuffles the posts; later workers fork from the daemon with the
         # imports done and only read the weights.
+        # Scoring groups: a post's group is a hash of its key modulo a number of groups fixed by the number of
+        # posts, and each group is scored as one sorted unit. Batch-mates change a post's score in its last
+        # bits (padding, matrix shapes; more in bfloat16), so a layout-dependent batching would make the same
+        # inputs give another release on another cluster; this one does not.
+        n_posts = bronze.count()
+        groups = max(1, math.ceil(n_posts / group_size))
         with worker_environment(spark, {PRELOAD_ENV: "jobs.social.model",
                                         models.PRELOAD_MODEL_ENV: job.model_path}):
             warm = warm_workers(spark, 1, job)
-            # One shuffle: hash-partitioned by post_key, which the window needs too; tasks_per_slot tasks per
-            # slot (each task pays a fixed cost of a second or two; more tasks even out unequal ones).
-            posts = (bronze.repartition(slots * tasks_per_slot, "post_key")
+            # One shuffle, by group: the window (by group and post) and the grouping reuse it; tasks_per_slot
+            # tasks per slot (each task pays a fixed cost of a second or two; more tasks even out unequal ones).
+            posts = (bronze.withColumn("_group", F.pmod(F.xxhash64("post_key"), F.lit(groups)))
+                     .repartition(slots * tasks_per_slot, "_group")
                      .withColumn("_n", F.row_number().over(first)).filter(F.col("_n") == 1)
-                     .select("post_key", "author_key", "created_at", "date", "text", "lang_field", "longitude",
-                             "latitude", "is_retweet", "is_duplicate"))
-            silver = posts.mapInPandas(lambda it: posts_to_silver(it, job), schema=spec("silver.social_posts").schema)
+                     .select("_group", "post_key", "author_key", "created_at", "date", "text", "lang_field",
+                             "longitude", "latitude", "is_retweet", "is_duplicate"))
+            silver = posts.groupBy("_group").applyInPandas(lambda df: score_group(df, job),
+                                                          schema=spec("silver.social_posts").schema)
         res = lake.merge(silver, "silver.social_posts") if lake.exists("silver.social_posts") else lake.write(
             silver, "silver.social_posts")
         warm.join()
@@ -353,7 +378,7 @@ def score(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     bronze = lake.read("bronze.social_posts").filter(F.col("text").isNotNull())
     if cfg.period.start and cfg.period.end:
         bronze = bronze.filter(F.col("date").between(F.lit(cfg.period.start), F.lit(cfg.period.end)))
-    write_silver(spark, lake, bronze, job, cfg.social.tasks_per_slot)
+    write_silver(spark, lake, bronze, job, cfg.social.tasks_per_slot, cfg.social.score_group_size)
     # silver is read once for the eight gold aggregates and the summary
     scored = lake.read("silver.social_posts").select(
         "author_key", "date", "week_start", "spatial_unit", "region", "language", "on_topic", "counted",

@@ -44,6 +44,16 @@ Rows = Callable[["Config", "ReleaseType", "DataFrame"], "DataFrame"]
 Notes = Callable[["Lakehouse", "Config", "ReleaseType", "DataFrame"], dict[str, Any]]
 
 
+# (config, release type, release folder with cells.parquet written) -> manifest entries for the files it added
+# to the folder (e.g. rasters masked to the released cells); every file in the folder is checksummed and signed
+Files = Callable[["Config", "ReleaseType", Path], dict[str, Any]]
+
+
+# (config, release type) -> the slice partners look at first besides the most withheld one (e.g. the event
+# day), as {slice column: value as text}, or None
+Event = Callable[["Config", "ReleaseType"], "dict[str, str] | None"]
+
+
 @dataclass(frozen=True)
 class ReleaseHooks:
     inputs: tuple[str, ...] = ()  # extra source columns ``prepare`` needs (dropped before the guard)
@@ -53,6 +63,8 @@ class ReleaseHooks:
     draw: Draw | None = None
     rows: Rows | None = None
     notes: Notes | None = None
+    files: Files | None = None
+    event: Event | None = None
     # A slice column whose values are levels of one hierarchy (counts at one level are sums of the next): the
     # same slice is never published at two levels (lib/privacy/release.py refuses, naming the earlier release).
     level_column: str | None = None

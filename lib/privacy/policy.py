@@ -113,8 +113,18 @@ class Budget(_Model):
     delta: float = Field(0.0, ge=0, lt=1)
 
 
+class Publisher(_Model):
+    """Who publishes the releases and under which licence (manifest and STAC item of every release)."""
+
+    name: str
+    contact: str  # an e-mail address or a URL partners write to
+    licence: str = "CC-BY-4.0"  # an SPDX identifier
+    url: str | None = None
+
+
 class Policy(_Model):
     approved_by: str | None = None
+    publisher: Publisher | None = None
     approved_on: date | None = None
     floor: int = Field(10, ge=0)
     profiles: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"default": dict[str, Any]()})

@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -59,6 +61,7 @@ from lib.privacy.policy import (
     snapshot,
 )
 from lib.privacy.pseudonym import load_key
+from lib.publish import StacInfo
 from lib.runtime import log, stage
 from lib.spark import from_pandas, to_pandas
 from lib.tables import Lakehouse, TableError, TableSpec, register, spec
@@ -240,7 +243,7 @@ def source_rows(lake: Lakehouse, cfg: Config, res: Resolved, hooks: ReleaseHooks
 
 
 def release(spark: SparkSession, cfg: Config, release_type: str, requester: str | None = None,
-            override_reason: str | None = None) -> dict[str, Any]:
+            override_reason: str | None = None, purpose: str | None = None) -> dict[str, Any]:
     """Guard, publish and record one release (module docstring); returns its id, folder and counts."""
     res = resolve(cfg, release_type, override_reason)
     hooks = hooks_for(res.rt.owner)
@@ -281,7 +284,7 @@ def release(spark: SparkSession, cfg: Config, release_type: str, requester: str 
                     raise ReleaseError(str(exc)) from None
             publication = Publication(cfg, lake, res, hooks, signer, guarded, version, src_spec.description,
                                       (cells_spec, margins_spec), out_root, cost)
-            return publication.publish(requester, override_reason, mac)
+            return publication.publish(requester, override_reason, mac, purpose)
         finally:
             guarded.release()
 
@@ -401,7 +404,8 @@ class Publication:
     out_root: Path
     cost: noise.Cost | None  # the composed privacy cost of a noised release (checked against the budget)
 
-    def publish(self, requester: str | None, override_reason: str | None, mac: str) -> dict[str, Any]:
+    def publish(self, requester: str | None, override_reason: str | None, mac: str,
+                purpose: str | None = None) -> dict[str, Any]:
         rt, name = self.res.rt, self.res.release_type
         created = datetime.now(UTC).replace(microsecond=0)
         release_id = f"{name}-{created:%Y%m%d}-{secrets.token_hex(6)}"
@@ -409,9 +413,10 @@ class Publication:
         tmp.mkdir(parents=True)
         counts = {"totals": self.guarded.totals, "per_slice": self.guarded.per_slice}
         with stage(f"release.files {name}") as st:
-            files, extras = self.files(tmp)
+            files, extras = self.files(tmp, release_id, created)
             st.rows_out = self.guarded.totals.get("cells_in", 0)
-        manifest = self.manifest(release_id, created, requester or getpass.getuser(), override_reason, files, extras)
+        manifest = self.manifest(release_id, created, requester or getpass.getuser(), override_reason, files,
+                                 {"purpose": purpose, **extras})
         signature = publish.write_manifest(tmp, manifest, self.signer)
         files = {**files, "manifest.json": publish.sha256_file(tmp / "manifest.json")}
         tables = [] if self.res.below_floor else [s.name for s in self.exports]
@@ -443,8 +448,22 @@ class Publication:
         return {"release_id": release_id, "path": str(self.out_root / release_id), "counts": self.guarded.totals,
                 "new": True}
 
-    def files(self, folder: Path) -> tuple[dict[str, str], dict[str, Any]]:
-        """Cells and margins (CSV + Parquet), spatial files, the quick-look plot; their checksums."""
+    def stac_info(self, release_id: str, created: datetime) -> StacInfo:
+        rt, res = self.res.rt, self.res
+        pub = res.policy.publisher
+        return StacInfo(
+            release_id=release_id, title=f"{res.release_type} ({rt.source})", created=created,
+            description=f"{res.release_type}: {self.source_desc} Guarded release: counts of {rt.count_column} at "
+                        f"or below {rt.suppress_at_or_below} are withheld (see manifest.json).",
+            start=self.cfg.period.start, end=self.cfg.period.end,
+            publisher=pub.name if pub else None, contact=pub.contact if pub else None,
+            licence=pub.licence if pub else "other", url=pub.url if pub else None,
+            extra={"migralake:release_type": res.release_type, "migralake:policy_hash": res.phash,
+                   "migralake:source": f"{rt.source}@{self.version}"})
+
+    def files(self, folder: Path, release_id: str, created: datetime) -> tuple[dict[str, str], dict[str, Any]]:
+        """Cells and margins (CSV + Parquet), spatial files, the quick-look plot, what the owner adds (e.g.
+        rasters), the STAC item describing them all; their checksums."""
         rt = self.res.rt
         dims = slices.dims_of(rt)
         cell_cols = [*rt.slice_by, *dims, rt.count_column, "status", *rt.measures]
@@ -462,17 +481,30 @@ class Publication:
             polygons = self.hooks.polygons(self.cfg, rt, cells) if self.hooks.polygons else None
         if polygons is not None:
             try:
-                spatial = publish.spatial_files(cells, *polygons[:2], rt.count_column, folder, polygons[2])
+                integers = [f.name for f in pq.read_schema(folder / "cells.parquet") if pa.types.is_integer(f.type)]
+                spatial = publish.spatial_files(cells, *polygons[:2], rt.count_column, folder, polygons[2],
+                                                integers)
             except ValueError as exc:
                 raise ReleaseError(f"release {self.res.release_type}: {exc}") from None
         png = folder / "quicklook.png"
         if self.hooks.draw is not None:
-            plot = self.hooks.draw(self.res.release_type, rt, cells, png)
+            # Multi-cell types show the most withheld slice and, when the owner names one, the event's slice.
+            event = self.hooks.event(self.cfg, rt) if (focus and self.hooks.event) else None
+            shown = cells.assign(_view="the slice with the most withheld cells") if focus else cells
+            if event:
+                extra = publish.read_cells(folder / "cells.parquet", event)
+                first = extra[rt.slice_by].astype(str).drop_duplicates().iloc[0] if len(extra) else None
+                if first is not None and focus and any(first[c] != focus.get(c) for c in rt.slice_by):
+                    extra = extra[(extra[rt.slice_by].astype(str) == first).all(axis=1)]
+                    shown = pd.concat([shown, extra.assign(_view="the event's slice")], ignore_index=True)
+            plot = self.hooks.draw(self.res.release_type, rt, shown, png)
         else:
             plot = publish.draw_generic(self.res.release_type, rt.slice_by, cells, png)
-        files = {p.name: publish.sha256_file(p) for p in sorted(folder.iterdir()) if not p.name.startswith(".")}
+        added = self.hooks.files(self.cfg, rt, folder) if self.hooks.files else {}
         notes = self.hooks.notes(self.lake, self.cfg, rt, self.guarded.cells()) if self.hooks.notes else {}
-        return files, {"quicklook": plot, "spatial_files": spatial, **notes}
+        stac = publish.stac_item(folder, self.stac_info(release_id, created))
+        files = {p.name: publish.sha256_file(p) for p in sorted(folder.iterdir()) if not p.name.startswith(".")}
+        return files, {"quicklook": plot, "spatial_files": spatial, "stac_item": stac, **added, **notes}
 
     def manifest(self, release_id: str, created: datetime, requester: str, override_reason: str | None,
                  files: dict[str, str], extras: dict[str, Any]) -> dict[str, Any]:
@@ -490,6 +522,7 @@ class Publication:
             "requester": requester,
             "release_type": res.release_type,
             "title": f"{res.release_type} ({rt.source})",
+            "publisher": res.policy.publisher.model_dump(mode="json") if res.policy.publisher else None,
             "source": {"table": rt.source, "version": self.version, "period": [str(start), str(end)] if start else None},
             "policy": res.snap,
             "policy_hash": res.phash,

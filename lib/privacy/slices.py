@@ -105,10 +105,18 @@ def output_schema(rt: ReleaseType, source: T.StructType) -> T.StructType:
     fields += [T.StructField(c, by_name[c], True) for c in rt.slice_by]
     fields += [T.StructField(c, by_name.get(c, T.StringType()), True) for c in dims_of(rt)]
     fields += [T.StructField(rt.count_column, T.LongType(), True), T.StructField("status", T.StringType(), True)]
-    fields += [T.StructField(m, T.DoubleType(), True) for m in rt.measures]
+    # Counts stay integers (a partner reads 44, not 44.0); every other measure is a double.
+    fields += [T.StructField(m, T.LongType() if m in integral_measures(rt, source) else T.DoubleType(), True)
+               for m in rt.measures]
     fields += [T.StructField("margin", T.StringType(), True), T.StructField("key", T.StringType(), True),
                T.StructField(SUMMARY, T.StringType(), True)]
     return T.StructType(fields)
+
+
+def integral_measures(rt: ReleaseType, source: T.StructType) -> tuple[str, ...]:
+    """The measures that are integers in the source table."""
+    by_name = {f.name: f.dataType for f in source.fields}
+    return tuple(m for m in rt.measures if isinstance(by_name.get(m), T.IntegralType))
 
 
 def digest(frame: pd.DataFrame) -> str:
@@ -119,7 +127,7 @@ def digest(frame: pd.DataFrame) -> str:
 
 
 def guard_slice(pdf: pd.DataFrame, rt: ReleaseType, schema_names: list[str],
-                prepare: Prepare | None) -> pd.DataFrame:
+                prepare: Prepare | None, integral: tuple[str, ...] = ()) -> pd.DataFrame:
     """Guard one slice (all rows share the slice columns); cells, margins and one summary row."""
     started = time.perf_counter()
     key = tuple(pdf[c].iloc[0] for c in rt.slice_by) if len(pdf) else ()
@@ -174,7 +182,8 @@ def guard_slice(pdf: pd.DataFrame, rt: ReleaseType, schema_names: list[str],
     for c in schema_names:
         if c not in out.columns:
             out[c] = None
-    out[rt.count_column] = out[rt.count_column].astype("Int64")
+    for c in (rt.count_column, *integral):
+        out[c] = out[c].astype("Int64")
     for c in ("margin", "key", SUMMARY, "status"):  # all-empty text columns must not become floats
         out[c] = out[c].astype(object).where(out[c].notna(), None)
     return out[schema_names]
@@ -188,6 +197,7 @@ def guard_all(df: DataFrame, rt: ReleaseType, prepare: Prepare | None = None) ->
     """
     schema = output_schema(rt, df.schema)
     names = schema.fieldNames()
+    integral = integral_measures(rt, df.schema)
     group = list(rt.slice_by)
     if not group:
         df = df.withColumn("_slice", F.lit(0))
@@ -195,7 +205,7 @@ def guard_all(df: DataFrame, rt: ReleaseType, prepare: Prepare | None = None) ->
     cols = list(dict.fromkeys([*group, *df.columns]))
 
     def fn(pdf: pd.DataFrame) -> pd.DataFrame:
-        return guard_slice(pdf.drop(columns=["_slice"], errors="ignore"), rt, names, prepare)
+        return guard_slice(pdf.drop(columns=["_slice"], errors="ignore"), rt, names, prepare, integral)
 
     rows = df.select(*cols).groupBy(*group).applyInPandas(fn, schema=schema).persist()
     summaries = [json.loads(r[SUMMARY]) for r in rows.filter(F.col(ROW) == "summary").select(SUMMARY).collect()]
