@@ -18,10 +18,15 @@
    post at a time in this process (torch with every core), after the same
    preprocessing and truncation, in float32.
 4. Label agreement: the Spark label and the baseline label of each post.
+5. The model's own ceiling on this machine: ``Scorer.score`` alone (same precision, batch size and
+   length sorting, one thread) on a sample of the posts in this process, times the task slots: what
+   the Spark stage would reach with no cost besides the model. ``ratio_ceiling`` is that rate over the
+   baseline's: no pipeline can beat it without changing the model's arithmetic.
 
 Prints progress to stderr and, last, one JSON object: posts, spark_seconds, spark_pipeline_seconds,
 baseline_seconds, spark_posts_per_second, baseline_posts_per_second, ratio (Spark
-rate / baseline rate), label_agreement, model, precision, batch_size, cores.
+rate / baseline rate), label_agreement, model_ceiling_posts_per_second, ratio_ceiling, model, precision,
+batch_size, cores.
 """
 
 from __future__ import annotations
@@ -57,6 +62,15 @@ def baseline(model_dir: str, texts: list[str]) -> tuple[list[str], float]:
     t0 = time.perf_counter()
     labels = [names[clf(t, truncation=True)[0]["label"]] for t in texts]
     return labels, time.perf_counter() - t0
+
+
+def ceiling(model_dir: str, texts: list[str], precision: str, batch_size: int, slots: int) -> float:
+    """Posts per second of the scorer alone, one thread, times ``slots`` (an upper bound for the Spark stage)."""
+    scorer = models.Scorer(model_dir, threads=1, precision=precision)
+    scorer.score(texts[:batch_size], batch_size=batch_size)  # warm-up
+    t0 = time.perf_counter()
+    scorer.score(texts, batch_size=batch_size)
+    return slots * len(texts) / (time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
                               [sentiment.for_model(t) for t in posts["text"]])
     agree = float((posts["sentiment"].to_numpy() == labels).mean())
     n = len(posts)
+    sample = [sentiment.for_model(t) for t in posts["text"].sample(n=min(n, 4000), random_state=1)]
+    print(f"[bench] the model's ceiling: {len(sample)} posts, one thread ...", file=sys.stderr)
+    top = ceiling(str(models.resolve(cfg.social.model)), sample, used[0] if used else "fp32", args.batch_size,
+                  cores)
     result = {
         "posts": n,
         "spark_seconds": round(spark_s, 2),
@@ -115,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_posts_per_second": round(n / base_s, 1),
         "ratio": round((n / spark_s) / (n / base_s), 2),
         "label_agreement": round(agree, 4),
+        "model_ceiling_posts_per_second": round(top, 1),
+        "ratio_ceiling": round(top / (n / base_s), 2),
         "model": cfg.social.model,
         "model_hash": out["model_hash"][:12],
         "precision": "/".join(used),

@@ -62,7 +62,11 @@ RECIPE_VERSION = 1
 SETTINGS: dict[str, Any] = {"epochs": 3.0, "lr": 5e-5, "batch": 32, "max_length": 64, "warmup": 0.06,
                             "weight_decay": 0.01, "seed": 20240501, "freeze_word_embeddings": True,
                             "class_weights": True, "length_buckets": True, "average_last": 0.0,
-                            "layer_decay": 1.0}
+                            "layer_decay": 1.0, "head_lr": 0.0, "label_smoothing": 0.0,
+                            "query_prefix": False}
+
+
+NEUTRAL: dict[str, Any] = {"head_lr": 0.0, "label_smoothing": 0.0, "query_prefix": False}
 
 
 class SetupError(RuntimeError):
@@ -164,6 +168,8 @@ def param_groups(model: Any, settings: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             depth = 0
         lr = settings["lr"] * settings["layer_decay"] ** depth
+        if depth == 0 and settings.get("head_lr"):
+            lr = settings["head_lr"]
         wd = settings["weight_decay"] if p.ndim > 1 else 0.0
         groups.setdefault((lr, wd), []).append(p)
     return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in sorted(groups.items())]
@@ -179,6 +185,20 @@ def epoch_batches(lengths: np.ndarray, batch: int, rng: np.random.Generator, buc
                                 for part in np.array_split(order, max(1, len(order) // chunk))])
     batches = [order[s:s + batch] for s in range(0, len(order), batch)]
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def add_query_prefix(tok: Any) -> None:
+    """Every text encoded as ``<s> query: text </s>``, the input format the e5 encoders were trained with, by
+    the tokenizer's own post-processor: the saved model directory carries it, so every scorer (the pipeline's,
+    a transformers ``pipeline``) adds it without knowing about it."""
+    from tokenizers import processors
+
+    ids = tok("query:", add_special_tokens=False)["input_ids"]
+    prefix = {"id": "<query>", "ids": ids, "tokens": tok.convert_ids_to_tokens(ids)}
+    bos, eos = tok.bos_token, tok.eos_token
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} <query> $A {eos}", pair=f"{bos} <query> $A {eos} {eos} $B {eos}",
+        special_tokens=[(bos, tok.bos_token_id), (eos, tok.eos_token_id), prefix])
 
 
 def finetune(encoder: Path, data: Path, out: Path, settings: dict[str, Any],
@@ -197,6 +217,8 @@ def finetune(encoder: Path, data: Path, out: Path, settings: dict[str, Any],
         labels.append(y)
     y_all = np.concatenate(labels)
     tok = AutoTokenizer.from_pretrained(encoder)
+    if settings.get("query_prefix"):
+        add_query_prefix(tok)
     model = BertForSequenceClassification.from_pretrained(
         encoder, num_labels=3, id2label=dict(enumerate(LABELS)), label2id={v: i for i, v in enumerate(LABELS)})
     if settings["freeze_word_embeddings"]:
@@ -206,7 +228,7 @@ def finetune(encoder: Path, data: Path, out: Path, settings: dict[str, Any],
     counts = np.bincount(y_all, minlength=3).astype(np.float64)
     weight = torch.tensor(counts.sum() / (3 * counts) if settings["class_weights"] else np.ones(3),
                           dtype=torch.float32)
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=settings.get("label_smoothing", 0.0))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(model, settings), lr=settings["lr"])
     batch = settings["batch"]
@@ -325,7 +347,10 @@ def cache_key(data: Path, settings: dict[str, Any]) -> str:
     h = hashlib.sha256()
     from jobs.social.model import native_bf16
 
-    h.update(json.dumps({"wheel": WHEEL_SHA256, "file": MEMBER_SHA256, "settings": settings,
+    # Knobs added after a model was built stay out of the key at their neutral value (they change nothing then),
+    # so the cached model is still found.
+    keyed = {k: v for k, v in settings.items() if not (k in NEUTRAL and v == NEUTRAL[k])}
+    h.update(json.dumps({"wheel": WHEEL_SHA256, "file": MEMBER_SHA256, "settings": keyed,
                          "recipe": RECIPE_VERSION, "bf16": native_bf16()}, sort_keys=True).encode())
     for lang in LANGUAGES:
         for part in ("text", "labels"):
