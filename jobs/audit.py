@@ -25,6 +25,7 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
+from lib import publish
 from lib.config import Config
 from lib.privacy import audit, signing, slices
 from lib.privacy.verify import verify_files, verify_release
@@ -76,10 +77,6 @@ def accuracy_html(manifest: dict[str, Any]) -> str:
             f"<th>area-adjusted km2 (95%)</th></tr>{body}</table><p>{esc(str(manifest.get('accuracy_note', '')))}</p>")
 
 
-# What a release type's count column counts, for thresholds a reviewer can read ("15 subscribers").
-COUNT_UNITS = {"n_subscribers": "subscribers (distinct pseudonymised SIMs)",
-               "n_users": "authors (distinct pseudonymised accounts)",
-               "n_pixels_valid": "valid pixels (an area, not people: about 0.0009 km2 each for Landsat)"}
 TOTALS = {"cells_in": "cells guarded", "cells_released": "cells released", "withheld": "cells withheld in all",
           "withheld_primary": "withheld: at or below the threshold (primary)",
           "withheld_complementary": "withheld: so that primary ones cannot be recovered (complementary)",
@@ -159,7 +156,7 @@ def report_html(release_id: str, folder: Path, row: dict[str, Any] | None,
     override = manifest.get("override")
     accuracy = accuracy_html(manifest)
     count_col = rules.get("count_column", "")
-    unit = COUNT_UNITS.get(count_col, f"contributors ({count_col})")
+    unit = publish.COUNT_UNITS.get(count_col, f"contributors ({count_col})")
     pub = manifest.get("publisher") or {}
     dictionary = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>"
                          for k, v in (manifest.get("data_dictionary") or {}).items())

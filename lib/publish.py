@@ -134,13 +134,20 @@ def read_cells(path: Path, only: Mapping[str, str] | None = None) -> pd.DataFram
 # ----------------------------------------------------------------------------- what comes with the tables
 
 
+# What each release type's count column counts: a threshold means "15 subscribers" or "15 pixels".
+COUNT_UNITS = {"n_subscribers": "subscribers (distinct pseudonymised SIMs)",
+               "n_users": "authors (distinct pseudonymised accounts)",
+               "n_pixels_valid": "valid pixels (an area, not people: about 0.0009 km2 each for Landsat)"}
+
+
 def data_dictionary(slice_by: list[str], cells: list[str], measures: list[str], count_column: str,
                     threshold: int, rounding_base: int | None, noise: str | None, source_desc: str) -> dict[str, str]:
     d = {c: f"slice: one protected table per value ({c})" for c in slice_by}
     d.update({c: "cell dimension" for c in cells})
     d.update({m: "measure of the cell (see the source description); empty when the cell is withheld"
               for m in measures})
-    d[count_column] = (f"distinct contributors; null when withheld. Released only above {threshold}"
+    d[count_column] = (f"{COUNT_UNITS.get(count_column, 'distinct contributors')}; null when withheld. "
+                       f"Released only above {threshold}"
                        + (f", rounded to {rounding_base}" if rounding_base else "") + (f", with {noise}" if noise else ""))
     d["status"] = ("released, or withheld: at or below the threshold, or withheld so that such counts cannot be "
                    "recovered from the published margins, or at or below the threshold after noise (which of "

@@ -158,6 +158,8 @@ def test_the_cached_model_is_reused_not_trained_again(tmp_path):  # type: ignore
     built, target = out.stdout.split()
     assert built == "False" and Path(target) == Path(os.readlink(REAL))
     assert (link / "model.safetensors").exists()
+    # Readable by executors running as another user (safetensors writes 0600).
+    assert all(f.stat().st_mode & 0o444 == 0o444 for f in Path(target).iterdir())
     setup = subprocess.run([str(PROJECT_ROOT / "bin" / "setup")], capture_output=True, text=True, timeout=300)
     assert setup.returncode == 0 and "building the offline sentiment model" not in setup.stderr
 

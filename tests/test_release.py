@@ -196,7 +196,7 @@ def test_report_is_a_self_contained_html_page(spark: SparkSession, released) -> 
         assert raw not in before_dictionary, raw
     # Who asked and why; the data dictionary; the slice with the most withheld cells first.
     assert "requested by tester" in text and "purpose flows between A, B and C" in text
-    assert "Data dictionary" in text and "distinct contributors" in text
+    assert "Data dictionary" in text and "subscribers (distinct pseudonymised SIMs); null when withheld" in text
     first_row = text.split("withheld complementary", 1)[1].split()[:2]
     assert first_row[0] == str(DAY1)  # DAY1 holds the withheld cells
 

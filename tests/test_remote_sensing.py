@@ -287,6 +287,7 @@ def test_settlement_release_coarsens_sensitive_zones_and_withholds_measures(worl
     assert all(p["h3_cell_resolution"] == h3.get_resolution(p["h3_index"]) for p in props)
     # The change raster in the release folder: a COG with its classes, showing released cells' pixels only.
     manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["data_dictionary"]["n_pixels_valid"].startswith("valid pixels (an area, not people")
     entry = next(r for r in manifest["rasters"] if r["area"] == "synth")
     cog = folder / entry["file"]
     assert cog.name in manifest["files"] and entry["pixels_masked"] > 0 and entry["pixels_published"] > 0

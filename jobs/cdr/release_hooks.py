@@ -5,6 +5,7 @@ Registered under the owner name ``cdr`` when this module is imported (jobs/relea
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pandas as pd
@@ -72,11 +73,12 @@ def one_level(cfg: Config, rt: ReleaseType, df: DataFrame) -> DataFrame:
 
 
 def event_slice(cfg: Config, rt: ReleaseType) -> dict[str, str] | None:
-    """The event day's flows (cdr_od, by date) or the first week after it (cdr_displacement)."""
+    """The flows into the event day (cdr_od: a row of ``date`` goes from that day's location to the next
+    day's, so the day before the event) or the first week after it (cdr_displacement)."""
     if "week_since_event" in rt.slice_by:
         return {"week_since_event": "0"}
     if "date" in rt.slice_by and cfg.cdr.event_date:
-        return {"date": cfg.cdr.event_date.isoformat()}
+        return {"date": (cfg.cdr.event_date - timedelta(days=1)).isoformat()}
     return None
 
 

