@@ -9,8 +9,9 @@ Writes: ``silver.social_posts`` (upsert by post), ``gold.social_sentiment``
 
 Everything per post runs on executors through Arrow batches (``applyInPandas``
 over scoring groups that the posts themselves fix: a hash of the post key, so
-the same inputs give the same scores to the last bit on any layout): language (the post's field, else py3langid: offline, its model ships in the
-wheel, 97 languages, ~1 ms a post), migration terms (word boundaries, case- and
+the same inputs give the same scores to the last bit on any layout): language
+(the post's field, else py3langid: offline, its model ships in the wheel, 97
+languages, ~1 ms a post), migration terms (word boundaries, case- and
 accent-insensitive), place (coordinates or place centre -> H3 and admin area),
 and sentiment of on-topic posts with the transformers model, loaded once per
 Python worker and applied to length-sorted batches. No text leaves the task.
