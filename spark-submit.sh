@@ -121,11 +121,13 @@ sys.exit(1)
 PY
 fi
 
-# The driver logs through conf/log4j2.properties; executors take the driver's level once registered
-# (spark.executor.syncLogLevel.enabled, set by lib/spark.py).
+# Driver and executors log through conf/log4j2.properties (executors read it at this path: same machine or a
+# shared file system; elsewhere they keep Spark's default until the driver's level reaches them through
+# spark.executor.syncLogLevel.enabled, set by lib/spark.py).
 submit_args=(--master "$master" --name "migralake-${job_args[0]}" --py-files "$zip_path"
              --driver-memory "$driver_memory"
-             --conf "spark.driver.extraJavaOptions=-Dlog4j.configurationFile=$ROOT/conf/log4j2.properties -Dderby.system.home=$ROOT/build")
+             --conf "spark.driver.extraJavaOptions=-Dlog4j.configurationFile=$ROOT/conf/log4j2.properties -Dderby.system.home=$ROOT/build"
+             --conf "spark.executor.extraJavaOptions=-Dlog4j.configurationFile=$ROOT/conf/log4j2.properties")
 # Executors on the packed environment of bin/pack-env (MIGRALAKE_EXECUTOR_ENV=<archive>): unpacked by Spark
 # as ./environment in each executor's folder; the driver keeps this checkout's environment.
 if [[ -n "${MIGRALAKE_EXECUTOR_ENV:-}" ]]; then

@@ -85,7 +85,8 @@ def get_spark(settings: SparkSettings | None = None, master: str | None = None) 
         # in a log file. Long stages log their own progress lines (lib.runtime).
         "spark.ui.showConsoleProgress": str(settings.show_progress and _stderr_is_terminal()).lower(),
         "spark.ui.enabled": "false",
-        # Executors take the driver's log level (setLogLevel below) once registered: no INFO line per task.
+        # Executors also take the driver's later setLogLevel calls (their start-up configuration comes from
+        # spark-submit.sh: conf/log4j2.properties).
         "spark.executor.syncLogLevel.enabled": "true",
         "spark.sql.warehouse.dir": str(PROJECT_ROOT / "build" / "spark-warehouse"),
         "spark.driver.extraJavaOptions": (
