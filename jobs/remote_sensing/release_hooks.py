@@ -31,12 +31,18 @@ if TYPE_CHECKING:
 INPUTS = ["n_pixels"]  # needed to recompute valid_fraction after merging
 
 
+def load_zones(zones_path: str) -> Any:
+    """The sensitive zones (polygons, any CRS) as one shapely geometry in EPSG:4326."""
+    import geopandas as gpd
+
+    return gpd.read_file(Path(zones_path)).to_crs(4326).union_all()
+
+
 def sensitive_parents(cells: pd.Series, zones_path: str, resolution: int) -> set[str]:
     """Parents at ``resolution`` of the cells whose centre lies in a sensitive zone."""
-    import geopandas as gpd
     import shapely
 
-    zones = gpd.read_file(Path(zones_path)).to_crs(4326).union_all()
+    zones = load_zones(zones_path)
     uniq = cells.dropna().unique()
     centres = [h3.cell_to_latlng(c) for c in uniq]
     inside = shapely.contains_xy(zones, [c[1] for c in centres], [c[0] for c in centres])
@@ -121,11 +127,8 @@ def masked_rasters(cfg: Config, rt: ReleaseType, folder: Path) -> dict[str, Any]
     cells = pd.read_parquet(folder / "cells.parquet",
                             columns=["area", "date_before", "date_after", "h3_resolution", "h3_index", "status"])
     root = rasters_root(cfg) / "settlement_change"
-    zones = None
-    if cfg.remote_sensing.sensitive_zones_path:
-        import geopandas as gpd
-
-        zones = gpd.read_file(Path(cfg.remote_sensing.sensitive_zones_path)).to_crs(4326).union_all()
+    zones_path = cfg.remote_sensing.sensitive_zones_path
+    zones = load_zones(zones_path) if zones_path else None
     written, missing = [], []
     for (area, d0, d1, res), grp in cells.groupby(["area", "date_before", "date_after", "h3_resolution"],
                                                  sort=True):
