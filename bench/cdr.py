@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--driver-memory", default="4g")
     p.add_argument("--floor", action="store_true",
                    help="also time the reference's statements in bare Spark SQL (bench/cdr_spark_sql.py)")
+    p.add_argument("--reuse-inputs", action="store_true",
+                   help="keep the generated input files of an earlier run with the same parameters")
+    p.add_argument("--event-log", action="store_true",
+                   help="write Spark's event log under the work folder and print the slowest stages")
     a = p.parse_args(argv)
     if a.events < 1000:
         p.error("--events must be at least 1000")
@@ -72,7 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MIGRALAKE_PSEUDONYM_KEY", secrets.token_hex(32))
     work = Path(a.workdir)
     work = (work if work.is_absolute() else PROJECT_ROOT / work) / f"events-{a.events}"
-    shutil.rmtree(work, ignore_errors=True)
+    params = {"events": a.events, "days": a.days, "events_per_day": a.events_per_day}
+    stamp = work / "inputs" / "params.json"
+    reuse = a.reuse_inputs and stamp.exists() and json.loads(stamp.read_text()) == params \
+        and (work / "inputs" / "cdr" / "truth.json").exists()
+    for old in (work.iterdir() if work.exists() else []):
+        if not (reuse and old.name == "inputs"):
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
     n_subs = max(10, round(a.events / (a.days * a.events_per_day)))
     cfg = load_config("demo", overrides=[
         f"lakehouse.root={work / 'lakehouse'}", f"demo.input_dir={work / 'inputs'}",
@@ -80,10 +90,21 @@ def main(argv: list[str] | None = None) -> int:
         f"demo.events_per_day={a.events_per_day}", "spark.show_progress=false",
         f"spark.driver_memory={a.driver_memory}",
     ])
+    if a.event_log:
+        (work / "eventlog").mkdir(parents=True, exist_ok=True)
+        cfg = cfg.model_copy(update={"spark": cfg.spark.model_copy(update={"conf": {
+            **cfg.spark.conf, "spark.eventLog.enabled": "true", "spark.eventLog.compress": "false",
+            "spark.eventLog.dir": str(work / "eventlog")}})})
     spark = get_spark(cfg.spark)
 
     t0 = time.perf_counter()
-    truth = cdr_synth.generate(spark, cfg.demo, Path(cfg.demo.input_dir), fmt="parquet")
+    if reuse:
+        truth = json.loads((work / "inputs" / "cdr" / "truth.json").read_text())
+        print("bench cdr: reusing the generated inputs", file=sys.stderr)
+    else:
+        shutil.rmtree(work / "inputs", ignore_errors=True)
+        truth = cdr_synth.generate(spark, cfg.demo, Path(cfg.demo.input_dir), fmt="parquet")
+        stamp.write_text(json.dumps(params))
     generate_seconds = time.perf_counter() - t0
     events = truth["rows_total"]
     print(f"bench cdr: generated {events:,} event rows for {n_subs:,} subscribers in {generate_seconds:.1f} s",

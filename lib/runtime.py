@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 log = logging.getLogger("migralake")
 
@@ -71,13 +72,28 @@ class RunLog:
         done = threading.Event()
         beat = threading.Thread(target=_heartbeat, args=(name, start, done), name=f"progress {name}", daemon=True)
         beat.start()
+        sc = _spark_context()
+        previous = sc.getLocalProperty("spark.job.description") if sc else None
+        if sc:  # the stage names its Spark jobs (thread-local): event logs and the Spark UI say what ran
+            sc.setJobDescription(name)
         try:
             yield record
         finally:
+            if sc:
+                sc.setJobDescription(previous)  # type: ignore[arg-type]
             done.set()
             record.seconds = time.perf_counter() - start
             self.stages.append(record)
             log.info(record.line())
+
+
+def _spark_context() -> Any:
+    """The running SparkContext, if any (stages also run outside Spark)."""
+    try:
+        from pyspark import SparkContext
+    except ImportError:  # pragma: no cover - pyspark is a dependency
+        return None
+    return SparkContext._active_spark_context  # noqa: SLF001
 
 
 RUN = RunLog()
