@@ -16,6 +16,7 @@ table as it was (Delta commits are atomic).
 from __future__ import annotations
 
 import difflib
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -500,6 +501,30 @@ class Lakehouse:
     def version(self, name: str) -> int:
         return int(self.history(name, 1).select("version").collect()[0][0])
 
+    def changed_partitions(self, name: str, column: str, after_version: int,
+                           up_to_version: int | None = None) -> set[str] | None:
+        """The values of partition ``column`` whose files commits after ``after_version`` (up to ``up_to_version``,
+        default the latest) added or removed, read from the table's Delta log; None when a commit's log entry is
+        no longer there (log clean-up): the caller then cannot tell and must recompute everything."""
+        if column not in spec(name).partition_by:
+            raise TableError(f"table {name}: '{column}' is not a partition column")
+        last = self.version(name) if up_to_version is None else up_to_version
+        if last <= after_version:
+            return set()
+        fs, _ = self._hadoop_path(self.location(name))
+        jvm = self.spark.sparkContext._jvm  # noqa: SLF001
+        paths = [f"{self.location(name)}/_delta_log/{v:020d}.json" for v in range(after_version + 1, last + 1)]
+        if not all(fs.exists(jvm.org.apache.hadoop.fs.Path(p)) for p in paths):  # type: ignore[union-attr]
+            return None
+        values: set[str] = set()
+        for row in self.spark.read.text(paths).collect():
+            action = json.loads(row[0])
+            for kind in ("add", "remove"):
+                part = (action.get(kind) or {}).get("partitionValues") or {}
+                if column in part and part[column] is not None:
+                    values.add(part[column])
+        return values
+
 
 # =========================================================================== catalogue
 # One StructType per table: the contract transforms end with (``select`` of it).
@@ -614,6 +639,75 @@ CDR_DAILY_LOCATIONS = _reg(
     scope_columns=("spatial_unit",),
     keys=("date", "subscriber_id", "spatial_unit"),
     constraints={"subscriber_is_pseudonym": PSEUDONYM_CHECK, "events_positive": "n_events > 0"},
+)
+
+CDR_SUBSCRIBER_DAYS = _reg(
+    name="silver.cdr_subscriber_days",
+    schema=_fields(
+        ("date", D, False),
+        ("subscriber_id", S, False),
+        ("spatial_unit", S, False),
+        ("unit", S, False),
+        ("n_all", L, False),
+        ("n_day", L, False),
+        ("last_day", TS, True),
+        ("n_night", L, False),
+        ("last_night", TS, True),
+    ),
+    description="Per subscriber, day and unit: events (all, in the daily-location hours, at night) and the time "
+    "of the last one. Every mobility metric derives from these rows, and a day's rows depend on that day's "
+    "events only, so a new or re-delivered day replaces its own partition.",
+    source="cdr",
+    owner_job="cdr.mobility",
+    partition_by=("date",),
+    period_column="date",
+    scope_columns=("spatial_unit",),
+    keys=("date", "subscriber_id", "spatial_unit", "unit"),
+    constraints={"subscriber_is_pseudonym": PSEUDONYM_CHECK, "events_positive": "n_all > 0",
+                 "hours_within_all": "n_day <= n_all AND n_night <= n_all"},
+)
+
+CDR_SUBSCRIBER_ACTIVITY = _reg(
+    name="silver.cdr_subscriber_activity",
+    schema=_fields(
+        ("spatial_unit", S, False),
+        ("period_start", D, False),
+        ("period_end", D, False),
+        ("subscriber_id", S, False),
+        ("n_events", L, False),
+        ("max_events_day", L, False),
+        ("excluded", S, True),
+    ),
+    description="The activity filters' verdict per subscriber over the mobility period: events, most events on "
+    "one day, and the reason a SIM is left out (null: kept).",
+    source="cdr",
+    owner_job="cdr.mobility",
+    scope_columns=("spatial_unit",),
+    keys=("spatial_unit", "subscriber_id"),
+    constraints={"subscriber_is_pseudonym": PSEUDONYM_CHECK},
+)
+
+CDR_MOBILITY_RUNS = _reg(
+    name="silver.cdr_mobility_runs",
+    schema=_fields(
+        ("spatial_unit", S, False),
+        ("period_start", D, False),
+        ("period_end", D, False),
+        ("settings_sha256", S, False),
+        ("bronze_version", L, False),
+        ("cells_version", L, False),
+        ("mode", S, False),
+        ("dates_recomputed", S, False),
+        ("subscribers_flipped", L, False),
+        ("finished_at", TS, False),
+    ),
+    description="One row per cdr.mobility run: its period, a hash of the settings its rows depend on, the "
+    "bronze.cdr_events version it read, and (incremental runs) the dates it recomputed and how many subscribers "
+    "the activity filters changed their verdict on. An incremental run starts from the last row.",
+    source="cdr",
+    owner_job="cdr.mobility",
+    append_only=True,
+    constraints={"mode_known": "mode IN ('full', 'incremental')"},
 )
 
 CDR_PRESENCE = _reg(

@@ -276,10 +276,38 @@ def quarantined_events(tagged: DataFrame, period_start: date) -> DataFrame:
 # ----------------------------------------------------------------------------- load
 
 
+CELLS_SHA256 = "migralake.cells_source_sha256"
+
+
+def cells_fingerprint(cdr: CdrSettings) -> str:
+    """SHA-256 over the cells file, the boundary files and the settings that place cells: equal fingerprints,
+    equal silver.cdr_cells (a daily ingest then keeps the table and its version)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = [("cells", cdr.cells_path)] + sorted(cdr.admin_paths.items())
+    for name, path in files:
+        h.update(f"{name}\0".encode())
+        try:
+            with open(str(path), "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read the {name} file: {exc}") from None
+    h.update(f"{cdr.h3_resolution}\0{cdr.nearest_area_max_km}".encode())
+    return h.hexdigest()
+
+
 def ingest_cells(spark: SparkSession, cfg: Config, lake: Lakehouse) -> DataFrame:
     cdr = cfg.cdr
     if not cdr.cells_path:
         raise ConfigError("cdr.cells_path: the cells table is required for ingest")
+    fingerprint = cells_fingerprint(cdr)
+    if lake.exists("silver.cdr_cells") and lake.exists("quarantine.cdr_cells") \
+            and lake.properties("silver.cdr_cells").get(CELLS_SHA256) == fingerprint:
+        log.info("cdr.cells: the cells and boundary files are those of the last ingest (sha256 %s): kept as they "
+                 "are", fingerprint[:16])
+        return lake.read("silver.cdr_cells")
     with stage("cdr.cells") as st:
         raw = read_cells(cdr.cells_path)
         st.rows_in = len(raw)
@@ -299,6 +327,7 @@ def ingest_cells(spark: SparkSession, cfg: Config, lake: Lakehouse) -> DataFrame
         st.notes["quarantined"] = len(quarantined)
         if len(usable) + len(quarantined) != len(raw):
             raise RuntimeError(f"cells: {len(raw)} in but {len(usable)} + {len(quarantined)} out")
+        lake.set_properties("silver.cdr_cells", {CELLS_SHA256: fingerprint})
     return lake.read("silver.cdr_cells")
 
 

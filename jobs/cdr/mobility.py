@@ -19,8 +19,11 @@ optional scaled estimate (``cdr.scaling``), null when scaling is off.
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 from collections.abc import Callable
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from pyspark import StorageLevel
@@ -32,7 +35,7 @@ from lib import geo
 from lib.config import CdrSettings, Config, ConfigError, ScalingSettings, SpatialUnit
 from lib.runtime import Write, log, side_by_side, stage
 from lib.spark import from_pandas, to_pandas
-from lib.tables import Lakehouse
+from lib.tables import Lakehouse, spec
 
 DESCRIPTION = "bronze.cdr_events -> daily/home locations -> presence, OD flows, displacement (gold)"
 
@@ -116,8 +119,8 @@ def daily_from_stats(stats: DataFrame, rule: str, spatial_unit: str, name: str) 
 ACTIVITY_REASONS = ("too_few_events", "too_many_events_per_day_on_average", "too_many_events_on_one_day")
 
 
-def activity_status(events: DataFrame, cdr: CdrSettings, n_days: int) -> DataFrame:
-    """Per subscriber: ``excluded`` reason (null = kept) from the activity filters.
+def activity_verdict(events: DataFrame, cdr: CdrSettings, n_days: int) -> DataFrame:
+    """Per subscriber: ``n`` events, ``max_day`` (most on one day) and the ``excluded`` reason (null = kept).
 
     ``events``: event rows (subscriber_id, date), or :func:`unit_day_stats` rows (their ``n_all``).
 
@@ -133,7 +136,12 @@ def activity_status(events: DataFrame, cdr: CdrSettings, n_days: int) -> DataFra
         .when(F.col("n") / F.lit(n_days) > cdr.max_mean_events_per_day, F.lit(ACTIVITY_REASONS[1]))
         .when(F.col("max_day") > cdr.max_events_single_day, F.lit(ACTIVITY_REASONS[2]))
     )
-    return stats.select("subscriber_id", reason.alias("excluded"))
+    return stats.select("subscriber_id", "n", "max_day", reason.alias("excluded"))
+
+
+def activity_status(events: DataFrame, cdr: CdrSettings, n_days: int) -> DataFrame:
+    """Per subscriber: ``excluded`` reason (null = kept) from the activity filters (:func:`activity_verdict`)."""
+    return activity_verdict(events, cdr, n_days).select("subscriber_id", "excluded")
 
 
 def home_locations(night_daily: DataFrame, windows: list[tuple[str, date, date]], min_days: int) -> DataFrame:
@@ -310,23 +318,73 @@ def with_estimate(df: DataFrame, weights: dict[str, float], unit_col: str, count
 # ----------------------------------------------------------------------------- job
 
 
-def active_stats(lake: Lakehouse, cdr: CdrSettings, start: date,
-                 end: date) -> tuple[DataFrame, list[DataFrame]]:
-    """Per subscriber, day and unit event counts (all, daily-rule hours, night hours) of the subscribers the
-    activity filters keep, and the persisted frames behind them (the caller unpersists them)."""
-    events = lake.read("bronze.cdr_events").filter(F.col("event_date").between(F.lit(start), F.lit(end)))
-    located = events_with_units(events, lake.read("silver.cdr_cells"), cdr.spatial_unit)
-    with stage("cdr.activity_filter") as st:
-        # One pass over the events: the activity filters, daily and night-time locations all derive from it.
-        stats = unit_day_stats(located, {"day": cdr.hours, "night": cdr.home_night_hours}).persist(
-            StorageLevel.MEMORY_AND_DISK)
-        status = activity_status(stats, cdr, (end - start).days + 1).persist(StorageLevel.MEMORY_AND_DISK)
-        counts = {r["excluded"] or "kept": r["n"]
-                  for r in status.groupBy("excluded").agg(F.count("*").alias("n")).collect()}
+def hour_windows(cdr: CdrSettings) -> dict[str, tuple[int, int] | None]:
+    return {"day": cdr.hours, "night": cdr.home_night_hours}
+
+
+def subscriber_days(events: DataFrame, cells: DataFrame, cdr: CdrSettings) -> DataFrame:
+    """silver.cdr_subscriber_days rows from bronze events (one pass over them)."""
+    located = events_with_units(events, cells, cdr.spatial_unit)
+    return unit_day_stats(located, hour_windows(cdr)).select(
+        "date", "subscriber_id", F.lit(cdr.spatial_unit).alias("spatial_unit"), "unit",
+        *[F.col(c).cast("long").alias(c) if c.startswith("n_") else F.col(c)
+          for c in ("n_all", "n_day", "last_day", "n_night", "last_night")])
+
+
+def activity_rows(stats: DataFrame, cdr: CdrSettings, start: date, end: date) -> DataFrame:
+    """silver.cdr_subscriber_activity rows: the activity filters over the period's subscriber days."""
+    verdict = activity_verdict(stats, cdr, (end - start).days + 1)
+    return verdict.select(F.lit(cdr.spatial_unit).alias("spatial_unit"), F.lit(start).alias("period_start"),
+                          F.lit(end).alias("period_end"), "subscriber_id", F.col("n").cast("long").alias("n_events"),
+                          F.col("max_day").cast("long").alias("max_events_day"), "excluded")
+
+
+def read_slice(lake: Lakehouse, name: str, cdr: CdrSettings, start: date, end: date,
+               version: int | None = None) -> DataFrame:
+    """One table's rows of the period and spatial unit (at a version when given)."""
+    s = lake.read(name, version=version)
+    col = {"silver.cdr_subscriber_days": "date", "silver.cdr_daily_locations": "date"}.get(name, "window_start")
+    return s.filter(F.col(col).between(F.lit(start), F.lit(end)) & (F.col("spatial_unit") == cdr.spatial_unit))
+
+
+def kept_stats(lake: Lakehouse, cdr: CdrSettings, start: date, end: date) -> DataFrame:
+    """The period's subscriber days of the subscribers the activity filters keep (as stored)."""
+    stats = read_slice(lake, "silver.cdr_subscriber_days", cdr, start, end)
+    kept = lake.read("silver.cdr_subscriber_activity").filter(
+        (F.col("spatial_unit") == cdr.spatial_unit) & F.col("excluded").isNull()).select("subscriber_id")
+    return stats.join(kept, on="subscriber_id", how="left_semi")
+
+
+def write_activity(lake: Lakehouse, cdr: CdrSettings, start: date, end: date) -> dict[str, int]:
+    """Run the activity filters over the stored subscriber days; write and return the verdict counts."""
+    with stage("cdr.activity_filter -> silver") as st:
+        rows = activity_rows(read_slice(lake, "silver.cdr_subscriber_days", cdr, start, end), cdr, start, end)
+        lake.write(rows, "silver.cdr_subscriber_activity", where={"spatial_unit": cdr.spatial_unit})
+        counts = {r["excluded"] or "kept": r["n"] for r in lake.read("silver.cdr_subscriber_activity").filter(
+            F.col("spatial_unit") == cdr.spatial_unit).groupBy("excluded").agg(F.count("*").alias("n")).collect()}
         st.rows_in, st.rows_out = sum(counts.values()), counts.get("kept", 0)
         st.notes.update({k: v for k, v in counts.items() if k != "kept"})
-    active = status.filter(F.col("excluded").isNull()).select("subscriber_id")
-    return stats.join(active, on="subscriber_id", how="left_semi"), [stats, status]
+    return counts
+
+
+def settings_sha256(cdr: CdrSettings, start: date) -> str:
+    """What the stored mobility rows depend on besides the events and cells: a later incremental run must
+    find the same (a change of rule means a full run)."""
+    relevant = {k: cdr.model_dump(mode="json")[k] for k in (
+        "spatial_unit", "daily_location_rule", "hours", "min_events", "max_mean_events_per_day",
+        "max_events_single_day", "home_night_hours", "home_min_days", "baseline_days", "event_date",
+        "post_event_weeks", "scaling")}
+    relevant["period_start"] = start.isoformat()
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def record_run(lake: Lakehouse, cdr: CdrSettings, start: date, end: date, bronze_version: int, cells_version: int,
+               mode: str, dates: list[date] | None = None, flipped: int = 0) -> None:
+    row = [(cdr.spatial_unit, start, end, settings_sha256(cdr, start), bronze_version, cells_version, mode,
+            ",".join(d.isoformat() for d in dates) if dates is not None else f"{start}..{end}", flipped,
+            datetime.now(UTC).replace(tzinfo=None))]
+    lake.write(lake.spark.createDataFrame(row, spec("silver.cdr_mobility_runs").schema), "silver.cdr_mobility_runs",
+               mode="append")
 
 
 def home_windows(cdr: CdrSettings, start: date, end: date) -> list[tuple[str, date, date]]:
@@ -355,7 +413,7 @@ def write_silver(lake: Lakehouse, cdr: CdrSettings, kept: DataFrame, start: date
 
 
 def gold_writes(lake: Lakehouse, cdr: CdrSettings, daily: DataFrame, homes: DataFrame, start: date, end: date,
-                windows: list[tuple[str, date, date]], n_daily: int) -> list[Write]:
+                windows: list[tuple[str, date, date]], n_daily: int | None) -> list[Write]:
     """The six gold tables from the stored daily and home locations, as independent writes."""
     scope: dict[str, Any] = {"spatial_unit": cdr.spatial_unit}
     baseline_homes = homes.filter(F.col("window") == "baseline")
@@ -394,24 +452,37 @@ def gold_writes(lake: Lakehouse, cdr: CdrSettings, daily: DataFrame, homes: Data
             for name, df, period, where, rows_in in gold]
 
 
-def run(spark: SparkSession, cfg: Config) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--incremental", action="store_true",
+                        help="recompute only what the bronze days changed since the last run (same period start, "
+                             "same settings) changes; the result equals a full run")
+
+
+def run(spark: SparkSession, cfg: Config, args: argparse.Namespace | None = None) -> None:
     start, end = require_period(cfg, "cdr.mobility")
     cdr = cfg.cdr
     lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
-    kept, persisted = active_stats(lake, cdr, start, end)
+    if args is not None and args.incremental:
+        from jobs.cdr import incremental
+
+        incremental.run(lake, cfg, start, end)
+        return
+    bronze_v, cells_v = lake.version("bronze.cdr_events"), lake.version("silver.cdr_cells")
+    with stage("cdr.subscriber_days -> silver") as st:
+        events = lake.read("bronze.cdr_events", version=bronze_v).filter(
+            F.col("event_date").between(F.lit(start), F.lit(end)))
+        rows = subscriber_days(events, lake.read("silver.cdr_cells", version=cells_v), cdr)
+        st.rows_out = lake.write(rows, "silver.cdr_subscriber_days", period=(start, end),
+                                 scope={"spatial_unit": cdr.spatial_unit}).rows_written
+    write_activity(lake, cdr, start, end)
+    kept = kept_stats(lake, cdr, start, end)
     windows = home_windows(cdr, start, end)
-    try:
-        n_daily = write_silver(lake, cdr, kept, start, end, windows)
-    finally:
-        for frame in persisted:
-            frame.unpersist()
+    n_daily = write_silver(lake, cdr, kept, start, end, windows)
     # The gold tables read the stored silver rows (what a later re-run of gold alone would read), once.
-    unit = F.col("spatial_unit") == cdr.spatial_unit
-    daily = lake.read("silver.cdr_daily_locations").filter(
-        F.col("date").between(F.lit(start), F.lit(end)) & unit).persist(StorageLevel.MEMORY_AND_DISK)
-    homes = lake.read("silver.cdr_home_locations").filter(
-        F.col("window_start").between(F.lit(windows[0][1]), F.lit(windows[-1][1])) & unit)
+    daily = read_slice(lake, "silver.cdr_daily_locations", cdr, start, end).persist(StorageLevel.MEMORY_AND_DISK)
+    homes = read_slice(lake, "silver.cdr_home_locations", cdr, windows[0][1], windows[-1][1])
     try:  # small, independent tables: their Spark jobs and Delta commits run side by side
         side_by_side(gold_writes(lake, cdr, daily, homes, start, end, windows, n_daily), cfg.spark.concurrent_jobs)
     finally:
         daily.unpersist()
+    record_run(lake, cdr, start, end, bronze_v, cells_v, "full")

@@ -305,3 +305,18 @@ def _feature(props: dict, bounds: tuple[float, float, float, float]) -> dict:
     w, s, e, n = (round(v, 9) for v in bounds)
     ring = [[w, s], [e, s], [e, n], [w, n], [w, s]]
     return {"type": "Feature", "properties": props, "geometry": {"type": "Polygon", "coordinates": [ring]}}
+
+
+def split_by_day(spark: SparkSession, cdr_dir: Path, out: Path, fmt: str = "parquet") -> list[str]:
+    """The generated events again as daily deliveries: ``out/<type>/day=<YYYY-MM-DD>/`` Parquet folders by the
+    date of ``start_time`` (rows without a readable one in ``day=none``), as an operator sends them. Returns
+    the days found, sorted ("none" last)."""
+    days: set[str] = set()
+    for event_type in EVENT_TYPES:
+        reader = spark.read.option("header", True) if fmt == "csv" else spark.read
+        rows = reader.format(fmt).load(str(cdr_dir / event_type))
+        day = F.coalesce(F.to_date(F.try_to_timestamp(F.trim(F.col("start_time").cast("string")))).cast("string"),
+                         F.lit("none"))
+        rows.withColumn("day", day).write.mode("overwrite").partitionBy("day").parquet(str(out / event_type))
+        days |= {p.name.split("=", 1)[1] for p in (out / event_type).glob("day=*")}
+    return sorted(days, key=lambda d: (d == "none", d))
