@@ -1,6 +1,6 @@
 """CDR benchmark: N synthetic events through the whole Spark pipeline vs an independent DuckDB reference.
 
-    ./bench/run cdr [--events N] [--days D] [--floor] [--workdir DIR]
+    ./bench/run cdr [--events N] [--days D] [--floor] [--incremental] [--reuse-inputs] [--event-log]
 
 1. Generates about N events (FlowDB layout, Parquet, 1% bad rows and duplicates)
    with the demo generator (not timed).
@@ -13,7 +13,15 @@
 4. With --floor: bench/cdr_spark_sql.py, the reference's statements in bare
    Spark SQL in the same session (no Delta, quarantine or other tables), timed
    and compared with the reference too: what Spark alone needs for that work
-   here (spark_sql_floor_seconds, floor_ratio).
+   here (spark_sql_floor_seconds, floor_ratio against DuckDB, pipeline_floor_ratio:
+   the pipeline's seconds over the floor's).
+5. With --incremental: one more day is generated and held back; after the timed
+   run over the D days, that day is ingested and ``cdr.mobility --incremental``
+   adds it (incremental_seconds, incremental_ratio: over the D-day run), then a
+   full run over all D + 1 days builds a second lakehouse (full_rerun_seconds)
+   and every mobility table is compared with it (incremental_identical).
+--reuse-inputs keeps generated files of an earlier run with the same parameters;
+--event-log writes Spark's event log (summary: python -m bench.eventlog DIR).
 
 Prints progress to stderr and, last, one JSON object: events, spark_seconds,
 reference_seconds, ratio (spark / reference), events_per_second, identical,
@@ -31,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import date, timedelta
 from pathlib import Path
 
 from pyspark.sql import functions as F
@@ -38,7 +47,7 @@ from pyspark.sql import functions as F
 from jobs.cdr import ingest, mobility
 from jobs.demo import cdr_synth
 from jobs.demo.main import demo_config
-from lib.config import PROJECT_ROOT, CdrInput, load_config
+from lib.config import PROJECT_ROOT, CdrInput, Config, load_config
 from lib.runtime import configure_logging
 from lib.spark import get_spark
 
@@ -55,6 +64,61 @@ def jvm_peak_rss_mb(spark) -> float | None:  # type: ignore[no-untyped-def]
     return None
 
 
+MOBILITY_TABLES = ("silver.cdr_subscriber_days", "silver.cdr_daily_locations", "silver.cdr_home_locations",
+                   "silver.cdr_subscriber_activity", "gold.cdr_presence_daily", "gold.cdr_od_daily",
+                   "gold.cdr_od_weekly", "gold.cdr_od_home_current", "gold.cdr_displacement",
+                   "gold.cdr_displacement_share")
+
+
+def incremental_day(spark, run_cfg: Config, work: Path, new_day: date,  # type: ignore[no-untyped-def]
+                    history_seconds: float) -> dict:
+    """Add ``new_day`` to the pipeline's lakehouse incrementally (timed; incremental_ratio: against the full
+    run over the earlier days, ``history_seconds``), then build a second lakehouse with a full run over all the
+    days (timed) and compare every mobility table row for row."""
+    import argparse
+
+    from lib.tables import Lakehouse
+
+    daily_dir = work / "inputs" / "daily"
+    start = run_cfg.period.start
+    assert start is not None
+    day_sources = [CdrInput(path=str(daily_dir / t / f"day={new_day}"), event_type=t, format="parquet")
+                   for t in cdr_synth.EVENT_TYPES if (daily_dir / t / f"day={new_day}").exists()]
+    day_cfg = run_cfg.model_copy(update={
+        "period": run_cfg.period.model_copy(update={"start": new_day, "end": new_day}),
+        "cdr": run_cfg.cdr.model_copy(update={"inputs": day_sources})})
+    all_cfg = run_cfg.model_copy(update={"period": run_cfg.period.model_copy(update={"start": start,
+                                                                                      "end": new_day})})
+    t0 = time.perf_counter()
+    ingest.run(spark, day_cfg)
+    mobility.run(spark, all_cfg, argparse.Namespace(incremental=True))
+    incremental_seconds = time.perf_counter() - t0
+    print(f"bench cdr: day {new_day} added incrementally in {incremental_seconds:.1f} s", file=sys.stderr)
+
+    full_root = work / "lakehouse_full"
+    full_cfg = all_cfg.model_copy(update={
+        "lakehouse": all_cfg.lakehouse.model_copy(update={"root": str(full_root)}),
+        "cdr": all_cfg.cdr.model_copy(update={"inputs": run_cfg.cdr.inputs + day_sources})})
+    t0 = time.perf_counter()
+    ingest.run(spark, full_cfg)
+    mobility.run(spark, full_cfg)
+    full_seconds = time.perf_counter() - t0
+    print(f"bench cdr: full run over all {(new_day - start).days + 1} days {full_seconds:.1f} s", file=sys.stderr)
+    a = Lakehouse(spark, run_cfg.lakehouse.resolved_root())
+    b = Lakehouse(spark, str(full_root))
+    differences = {}
+    for name in MOBILITY_TABLES:
+        x, y = a.read(name), b.read(name)
+        if "period_start" in x.columns and "period_end" in x.columns:
+            x, y = x.drop("period_start"), y.drop("period_start")
+        differences[name] = x.exceptAll(y).count() + y.exceptAll(x).count()
+    return {"incremental_day": str(new_day), "incremental_seconds": round(incremental_seconds, 2),
+            "full_rerun_seconds": round(full_seconds, 2),
+            "incremental_ratio": round(incremental_seconds / history_seconds, 3),
+            "incremental_identical": all(v == 0 for v in differences.values()),
+            "incremental_differences": {k: v for k, v in differences.items() if v}}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/run cdr", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time the reference's statements in bare Spark SQL (bench/cdr_spark_sql.py)")
     p.add_argument("--reuse-inputs", action="store_true",
                    help="keep the generated input files of an earlier run with the same parameters")
+    p.add_argument("--incremental", action="store_true",
+                   help="also add one more day incrementally (cdr.ingest of the day, cdr.mobility --incremental) "
+                        "and check it against a full run over all the days")
     p.add_argument("--event-log", action="store_true",
                    help="write Spark's event log under the work folder and print the slowest stages")
     a = p.parse_args(argv)
@@ -76,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MIGRALAKE_PSEUDONYM_KEY", secrets.token_hex(32))
     work = Path(a.workdir)
     work = (work if work.is_absolute() else PROJECT_ROOT / work) / f"events-{a.events}"
-    params = {"events": a.events, "days": a.days, "events_per_day": a.events_per_day}
+    params = {"events": a.events, "days": a.days, "events_per_day": a.events_per_day, "extra_day": a.incremental}
     stamp = work / "inputs" / "params.json"
     reuse = a.reuse_inputs and stamp.exists() and json.loads(stamp.read_text()) == params \
         and (work / "inputs" / "cdr" / "truth.json").exists()
@@ -86,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     n_subs = max(10, round(a.events / (a.days * a.events_per_day)))
     cfg = load_config("demo", overrides=[
         f"lakehouse.root={work / 'lakehouse'}", f"demo.input_dir={work / 'inputs'}",
-        f"demo.n_subscribers={n_subs}", f"demo.n_days={a.days}", f"demo.event_day={a.days // 2}",
+        f"demo.n_subscribers={n_subs}", f"demo.n_days={a.days + int(a.incremental)}",
+        f"demo.event_day={a.days // 2}",
         f"demo.events_per_day={a.events_per_day}", "spark.show_progress=false",
         f"spark.driver_memory={a.driver_memory}",
     ])
@@ -111,8 +179,19 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     run_cfg = demo_config(cfg, Path(cfg.demo.input_dir))
     cdr_dir = Path(cfg.demo.input_dir) / "cdr"
-    run_cfg = run_cfg.model_copy(update={"cdr": run_cfg.cdr.model_copy(update={"inputs": [
-        CdrInput(path=str(cdr_dir / t), event_type=t, format="parquet") for t in cdr_synth.EVENT_TYPES]})})
+    sources = [CdrInput(path=str(cdr_dir / t), event_type=t, format="parquet") for t in cdr_synth.EVENT_TYPES]
+    new_day = None
+    if a.incremental:  # the last generated day arrives later, as its own delivery
+        assert run_cfg.period.end is not None
+        new_day = run_cfg.period.end
+        run_cfg = run_cfg.model_copy(update={"period": run_cfg.period.model_copy(
+            update={"end": new_day - timedelta(days=1)})})
+        daily_dir = work / "inputs" / "daily"
+        if not (reuse and daily_dir.exists()):
+            cdr_synth.split_by_day(spark, cdr_dir, daily_dir)
+        sources = [CdrInput(path=str(f), event_type=t, format="parquet") for t in cdr_synth.EVENT_TYPES
+                   for f in sorted((daily_dir / t).glob("day=*")) if f.name != f"day={new_day}"]
+    run_cfg = run_cfg.model_copy(update={"cdr": run_cfg.cdr.model_copy(update={"inputs": sources})})
 
     t0 = time.perf_counter()
     ingest.run(spark, run_cfg)
@@ -132,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     lake.read("gold.cdr_od_daily").select("date", "origin", "destination", "n_subscribers") \
         .write.parquet(str(out / "od_daily"))
     jvm_peak = jvm_peak_rss_mb(spark)
+    incremental = incremental_day(spark, run_cfg, work, new_day, spark_seconds) if new_day is not None else {}
 
     c = run_cfg.cdr
     start, end = run_cfg.period.start, run_cfg.period.end
@@ -176,8 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         "identical": all(v == 0 for v in ref["differences"].values()) and ref["rows"]["daily_locations"] > 0,
         **({"spark_sql_floor_seconds": round(floor_seconds, 2),
             "floor_ratio": round(floor_seconds / ref["reference_seconds"], 2),
+            "pipeline_floor_ratio": round(spark_seconds / floor_seconds, 2),
             "floor_identical": all(v == 0 for v in ref["floor_differences"].values())}
            if floor_seconds is not None else {}),
+        **incremental,
         "rows": ref["rows"],
         "differences": ref["differences"],
         "driver_jvm_peak_rss_mb": jvm_peak,
@@ -188,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "cores": os.cpu_count(),
     }
     print(json.dumps(result))
-    return 0 if result["identical"] else 1
+    return 0 if result["identical"] and result.get("incremental_identical", True) else 1
 
 
 if __name__ == "__main__":
