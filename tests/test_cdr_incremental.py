@@ -189,6 +189,13 @@ def test_incremental_days_equal_the_full_rerun(world) -> None:  # type: ignore[n
     mobility.run(spark, with_run(base, a_root, days[0], new_day, []), INCREMENTAL)
     assert differences(snapshot(a), after_late) == {}
 
+    # A full re-ingest later replaces the quarantine rows the daily runs filed, instead of adding to them.
+    daily_quarantine = a.read("quarantine.cdr_events").filter(F.col("period_start") > days[0]).count()
+    assert daily_quarantine > 0
+    ingest.run(spark, with_run(base, a_root, days[0], new_day, inputs(root, days, late) + outside))
+    b2_quarantine = Lakehouse(spark, str(b2_root)).read("quarantine.cdr_events")
+    assert a.read("quarantine.cdr_events").count() == b2_quarantine.count() > 0
+
 
 def test_incremental_refuses_what_it_cannot_equal(world) -> None:  # type: ignore[no-untyped-def]
     spark, root, base, days = world

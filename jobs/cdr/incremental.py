@@ -39,12 +39,13 @@ from pyspark.sql import functions as F
 
 from jobs.cdr import mobility as m
 from lib.config import CdrSettings, Config
-from lib.runtime import Write, log, side_by_side, stage
+from lib.runtime import JobFailed, Write, log, side_by_side, stage
 from lib.tables import Lakehouse
 
 
-class IncrementalRefused(RuntimeError):
-    """An incremental run that cannot equal a full run; the message says why and what to run instead."""
+class IncrementalRefused(JobFailed):
+    """An incremental run that cannot equal a full run; the message says why and what to run instead (the CLI
+    prints it and exits 4, nothing written)."""
 
 
 def last_run(lake: Lakehouse, spatial_unit: str) -> dict[str, Any] | None:

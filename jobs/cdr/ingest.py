@@ -347,8 +347,10 @@ def write_events(lake: Lakehouse, tagged: DataFrame, start: date, end: date) -> 
     with stage("cdr.ingest -> bronze.cdr_events") as st:
         st.rows_in = rows_in = tagged.count()
         accepted = lake.write(accepted_events(tagged), "bronze.cdr_events", period=(start, end)).rows_written
+        # Rows are filed under the run's first day; the whole period is replaced, so a full re-run also replaces
+        # the quarantine rows that daily runs filed under the days it covers.
         quarantined = lake.write(quarantined_events(tagged, start), "quarantine.cdr_events",
-                                 period=(start, start)).rows_written
+                                 period=(start, end)).rows_written
         st.rows_out, st.notes["quarantined"] = accepted, quarantined
     if accepted + quarantined != rows_in:
         raise RuntimeError(f"row conservation failed: {rows_in} rows in, {accepted} accepted + {quarantined} "

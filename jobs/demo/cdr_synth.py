@@ -317,6 +317,7 @@ def split_by_day(spark: SparkSession, cdr_dir: Path, out: Path, fmt: str = "parq
         rows = reader.format(fmt).load(str(cdr_dir / event_type))
         day = F.coalesce(F.to_date(F.try_to_timestamp(F.trim(F.col("start_time").cast("string")))).cast("string"),
                          F.lit("none"))
-        rows.withColumn("day", day).write.mode("overwrite").partitionBy("day").parquet(str(out / event_type))
+        rows.withColumn("day", day).repartition("day").write.mode("overwrite").partitionBy("day").parquet(
+            str(out / event_type))  # one file per day and type, as a daily delivery
         days |= {p.name.split("=", 1)[1] for p in (out / event_type).glob("day=*")}
     return sorted(days, key=lambda d: (d == "none", d))
