@@ -699,11 +699,13 @@ CDR_MOBILITY_RUNS = _reg(
         ("mode", S, False),
         ("dates_recomputed", S, False),
         ("subscribers_flipped", L, False),
+        ("table_versions", S, False),
         ("finished_at", TS, False),
     ),
     description="One row per cdr.mobility run: its period, a hash of the settings its rows depend on, the "
     "bronze.cdr_events version it read, and (incremental runs) the dates it recomputed and how many subscribers "
-    "the activity filters changed their verdict on. An incremental run starts from the last row.",
+    "the activity filters changed their verdict on, and the versions it left the mobility tables at (JSON). An "
+    "incremental run starts from the last row, and only when no mobility table changed after it.",
     source="cdr",
     owner_job="cdr.mobility",
     append_only=True,

@@ -212,3 +212,13 @@ def test_incremental_refuses_what_it_cannot_equal(world) -> None:  # type: ignor
         mobility.run(spark, with_run(base, c_root, days[1], days[4], []), INCREMENTAL)
     with pytest.raises(incremental.IncrementalRefused, match="before the last run's end"):
         mobility.run(spark, with_run(base, c_root, days[0], days[2], []), INCREMENTAL)
+
+    # A run that died half-way: a table moved on after the last recorded run. Adding a day must not build on it.
+    lake = Lakehouse(spark, str(c_root))
+    half = lake.read("gold.cdr_presence_daily").filter(F.col("date") == days[1])
+    lake.write(half.filter(F.col("n_subscribers") > 1), "gold.cdr_presence_daily", where={"date": [days[1]]})
+    with pytest.raises(incremental.IncrementalRefused, match="gold.cdr_presence_daily changed after the last"):
+        mobility.run(spark, with_run(base, c_root, days[0], days[4], []), INCREMENTAL)
+    mobility.run(spark, with_run(base, c_root, days[0], days[3], []))  # the full run puts the slice right
+    mobility.run(spark, with_run(base, c_root, days[0], days[3], []), INCREMENTAL)  # nothing changed: accepted
+    assert lake.read("silver.cdr_mobility_runs").orderBy("finished_at").collect()[-1]["dates_recomputed"] == ""

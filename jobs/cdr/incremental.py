@@ -22,12 +22,14 @@ only what those days change, and its result equals a full ``cdr.mobility`` run o
    home locations) are recomputed whole.
 
 With population scaling, a changed baseline can change every weight, so the gold tables are then recomputed
-from silver in full (logged). A run with other settings, another period start, an earlier period end, or
-after the cells table changed refuses: run the full job.
+from silver in full (logged). A run with other settings, another period start, an earlier period end, after the cells table changed, or
+when a mobility table changed after the last recorded run (a run that died half-way: each run is recorded
+last, with the versions it left every table at) refuses: run the full job, which rewrites the whole slice.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import date, timedelta
 from typing import Any
@@ -48,11 +50,14 @@ class IncrementalRefused(JobFailed):
     prints it and exits 4, nothing written)."""
 
 
-def last_run(lake: Lakehouse, spatial_unit: str) -> dict[str, Any] | None:
+def last_run(lake: Lakehouse, spatial_unit: str | None) -> dict[str, Any] | None:
+    """The latest recorded run for the spatial unit (None: of any unit)."""
     if not lake.exists("silver.cdr_mobility_runs"):
         return None
-    rows = (lake.read("silver.cdr_mobility_runs").filter(F.col("spatial_unit") == spatial_unit)
-            .orderBy(F.col("finished_at").desc()).limit(1).collect())
+    runs = lake.read("silver.cdr_mobility_runs")
+    if spatial_unit is not None:
+        runs = runs.filter(F.col("spatial_unit") == spatial_unit)
+    rows = runs.orderBy(F.col("finished_at").desc()).limit(1).collect()
     return rows[0].asDict() if rows else None
 
 
@@ -135,9 +140,19 @@ def run(lake: Lakehouse, cfg: Config, start: date, end: date) -> None:
     if cells_v != last["cells_version"]:
         raise IncrementalRefused("silver.cdr_cells changed since the last run: run cdr.mobility without "
                                  "--incremental")
+    latest = last_run(lake, None)
+    assert latest is not None
+    recorded, now = json.loads(latest["table_versions"]), m.table_versions(lake)
+    ahead = sorted(n for n in now if now[n] != recorded.get(n))
+    if ahead:
+        raise IncrementalRefused(f"{', '.join(ahead)} changed after the last recorded cdr.mobility run (one that "
+                                 "did not finish, or another writer): run cdr.mobility without --incremental")
     days = changed_days(lake, last, bronze_v, start, end)
     log.info("cdr.mobility --incremental: %d changed day(s) since bronze version %s: %s", len(days),
              last["bronze_version"], ", ".join(d.isoformat() for d in days) or "none")
+    if not days:  # the period did not grow (a longer one brings its new days): nothing to recompute
+        m.record_run(lake, cdr, start, end, bronze_v, cells_v, "incremental", [], 0)
+        return
     before = {n: lake.version(n) for n in ("silver.cdr_daily_locations", "silver.cdr_home_locations",
                                            "silver.cdr_subscriber_activity")}
     scope = {"spatial_unit": unit}

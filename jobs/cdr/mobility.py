@@ -378,11 +378,23 @@ def settings_sha256(cdr: CdrSettings, start: date) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
+MOBILITY_TABLES = ("silver.cdr_subscriber_days", "silver.cdr_subscriber_activity", "silver.cdr_daily_locations",
+                   "silver.cdr_home_locations", "gold.cdr_presence_daily", "gold.cdr_od_daily", "gold.cdr_od_weekly",
+                   "gold.cdr_od_home_current", "gold.cdr_displacement", "gold.cdr_displacement_share")
+
+
+def table_versions(lake: Lakehouse) -> dict[str, int]:
+    """The current version of every table cdr.mobility writes (-1: not there yet)."""
+    return {n: lake.version(n) if lake.exists(n) else -1 for n in MOBILITY_TABLES}
+
+
 def record_run(lake: Lakehouse, cdr: CdrSettings, start: date, end: date, bronze_version: int, cells_version: int,
                mode: str, dates: list[date] | None = None, flipped: int = 0) -> None:
+    """Append the run to silver.cdr_mobility_runs, last: a run that dies before this leaves its tables ahead of
+    the recorded versions, which the next incremental run notices."""
     row = [(cdr.spatial_unit, start, end, settings_sha256(cdr, start), bronze_version, cells_version, mode,
             ",".join(d.isoformat() for d in dates) if dates is not None else f"{start}..{end}", flipped,
-            datetime.now(UTC).replace(tzinfo=None))]
+            json.dumps(table_versions(lake), sort_keys=True), datetime.now(UTC).replace(tzinfo=None))]
     lake.write(lake.spark.createDataFrame(row, spec("silver.cdr_mobility_runs").schema), "silver.cdr_mobility_runs",
                mode="append")
 
