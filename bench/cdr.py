@@ -65,12 +65,6 @@ def jvm_peak_rss_mb(spark) -> float | None:  # type: ignore[no-untyped-def]
     return None
 
 
-MOBILITY_TABLES = ("silver.cdr_subscriber_days", "silver.cdr_daily_locations", "silver.cdr_home_locations",
-                   "silver.cdr_subscriber_activity", "gold.cdr_presence_daily", "gold.cdr_od_daily",
-                   "gold.cdr_od_weekly", "gold.cdr_od_home_current", "gold.cdr_displacement",
-                   "gold.cdr_displacement_share")
-
-
 def dir_mb(path: Path) -> float:
     """Disk used by the files under ``path``, in MB."""
     return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6, 1) if path.exists() else 0.0
@@ -118,7 +112,7 @@ def incremental_day(spark, run_cfg: Config, work: Path, new_day: date,  # type: 
     a = Lakehouse(spark, run_cfg.lakehouse.resolved_root())
     b = Lakehouse(spark, str(full_root))
     differences = {}
-    for name in MOBILITY_TABLES:
+    for name in mobility.MOBILITY_TABLES:
         x, y = a.read(name), b.read(name)
         if "period_start" in x.columns and "period_end" in x.columns:
             x, y = x.drop("period_start"), y.drop("period_start")
