@@ -88,7 +88,7 @@ class RunLog:
 
 
 def _spark_context() -> Any:
-    """The running SparkContext, if any (stages also run outside Spark)."""
+    """The running SparkContext, if any (stages also run outside Spark); the process's one, from any thread."""
     try:
         from pyspark import SparkContext
     except ImportError:  # pragma: no cover - pyspark is a dependency
@@ -114,9 +114,7 @@ def spark_progress() -> str:
     """What the active SparkContext is doing, e.g. ``Spark stage 14: 3 of 8 tasks done, 2 running``; empty
     when no Spark job runs. Plain text, one line: the same in a terminal and in a log file."""
     try:
-        from pyspark import SparkContext
-
-        sc = SparkContext._active_spark_context  # noqa: SLF001 - the process's context, from any thread
+        sc = _spark_context()
         if sc is None:
             return ""
         tracker = sc.statusTracker()

@@ -342,9 +342,10 @@ def activity_rows(stats: DataFrame, cdr: CdrSettings, start: date, end: date) ->
 def read_slice(lake: Lakehouse, name: str, cdr: CdrSettings, start: date, end: date,
                version: int | None = None) -> DataFrame:
     """One table's rows of the period and spatial unit (at a version when given)."""
-    s = lake.read(name, version=version)
-    col = {"silver.cdr_subscriber_days": "date", "silver.cdr_daily_locations": "date"}.get(name, "window_start")
-    return s.filter(F.col(col).between(F.lit(start), F.lit(end)) & (F.col("spatial_unit") == cdr.spatial_unit))
+    col = spec(name).period_column
+    assert col is not None, name
+    return lake.read(name, version=version).filter(
+        F.col(col).between(F.lit(start), F.lit(end)) & (F.col("spatial_unit") == cdr.spatial_unit))
 
 
 def kept_stats(lake: Lakehouse, cdr: CdrSettings, start: date, end: date) -> DataFrame:
@@ -370,7 +371,8 @@ def write_activity(lake: Lakehouse, cdr: CdrSettings, start: date, end: date) ->
 def settings_sha256(cdr: CdrSettings, start: date) -> str:
     """What the stored mobility rows depend on besides the events and cells: a later incremental run must
     find the same (a change of rule means a full run)."""
-    relevant = {k: cdr.model_dump(mode="json")[k] for k in (
+    dumped = cdr.model_dump(mode="json")
+    relevant = {k: dumped[k] for k in (
         "spatial_unit", "daily_location_rule", "hours", "min_events", "max_mean_events_per_day",
         "max_events_single_day", "home_night_hours", "home_min_days", "baseline_days", "event_date",
         "post_event_weeks", "scaling")}
