@@ -165,6 +165,10 @@ class Lakehouse:
     def __init__(self, spark: SparkSession, root: str) -> None:
         self.spark = spark
         self.root = root.rstrip("/")
+        # Tables ensure() brought to their registered form, with the version it saw and the spec it used: a later
+        # write to the same version under the same spec needs no second look (any change of the table's schema or
+        # constraints is a new version).
+        self._ensured: dict[str, tuple[int, TableSpec]] = {}
 
     # ------------------------------------------------------------------ locations
 
@@ -195,6 +199,8 @@ class Lakehouse:
         s = spec(name)
         location = self.location(name)
         new = not DeltaTable.isDeltaTable(self.spark, location)
+        if not new and self._ensured.get(name) == (self.version(name), s):
+            return DeltaTable.forPath(self.spark, location)
         builder = DeltaTable.createIfNotExists(self.spark).location(location).addColumns(s.schema)
         builder = builder.comment(s.description)
         if s.partition_by:
@@ -210,6 +216,7 @@ class Lakehouse:
         for cname, expr in s.constraints.items():
             if f"delta.constraints.{cname.lower()}" not in present:
                 self.spark.sql(f"ALTER TABLE delta.`{location}` ADD CONSTRAINT {cname} CHECK ({expr})")
+        self._ensured[name] = (self.version(name), s)
         return table
 
     def _evolve(self, name: str, table: DeltaTable) -> None:
@@ -309,8 +316,8 @@ class Lakehouse:
             return 0
         table = DeltaTable.forPath(self.spark, self.location(name))
         table.delete(self.where_predicate(name, where))
-        last = table.history(1).collect()[0]
-        return int((last["operationMetrics"] or {}).get("numDeletedRows", 0))
+        _, info = self.last_commit(name)
+        return int((info.get("operationMetrics") or {}).get("numDeletedRows", 0))
 
     def erase(self, name: str, keys: DataFrame, key: str, columns: Sequence[str],
               stamp: str | None = None) -> int:
@@ -325,8 +332,8 @@ class Lakehouse:
             sets[stamp] = F.current_timestamp()
         (table.alias("t").merge(keys.select(key).distinct().alias("k"), f"t.{_quote(key)} = k.{_quote(key)}")
          .whenMatchedUpdate(set=sets).execute())
-        last = table.history(1).collect()[0]
-        return int((last["operationMetrics"] or {}).get("numTargetRowsUpdated", 0))
+        _, info = self.last_commit(name)
+        return int((info.get("operationMetrics") or {}).get("numTargetRowsUpdated", 0))
 
     def vacuum(self, name: str, retention_hours: float) -> None:
         """Remove the files no version newer than ``retention_hours`` needs (shorter than Delta's 7-day safety
@@ -416,6 +423,7 @@ class Lakehouse:
 
         created = not self.exists(name)
         self.ensure(name)
+        ensured_at = self._ensured.get(name)
         writer = df.write.format("delta").mode(mode)
         if replace_where is not None:
             writer = writer.option("replaceWhere", replace_where)
@@ -425,13 +433,15 @@ class Lakehouse:
             if created:
                 self._drop_location(name)
             raise
-        last = DeltaTable.forPath(self.spark, self.location(name)).history(1).collect()[0]
-        metrics = last["operationMetrics"] or {}
+        version = self.version(name)
+        self._note_own_commit(name, ensured_at, version)
+        info = self.commit_info(name, version)
+        metrics = info.get("operationMetrics") or {}
         return WriteResult(
             table=name,
-            version=int(last["version"]),
+            version=version,
             rows_written=int(metrics.get("numOutputRows", 0)),
-            operation=str(last["operation"]),
+            operation=str(info.get("operation")),
         )
 
     def merge(self, df: DataFrame, name: str, keys: Sequence[str] | None = None) -> WriteResult:
@@ -443,6 +453,7 @@ class Lakehouse:
         self._check_schema(df, name)
         created = not self.exists(name)
         table = self.ensure(name)
+        ensured_at = self._ensured.get(name)
         cond = " AND ".join(f"t.{_quote(k)} <=> s.{_quote(k)}" for k in keys)
         try:
             (
@@ -456,10 +467,18 @@ class Lakehouse:
             if created:
                 self._drop_location(name)
             raise
-        last = table.history(1).collect()[0]
-        metrics = last["operationMetrics"] or {}
+        version = self.version(name)
+        self._note_own_commit(name, ensured_at, version)
+        info = self.commit_info(name, version)
+        metrics = info.get("operationMetrics") or {}
         written = int(metrics.get("numTargetRowsInserted", 0)) + int(metrics.get("numTargetRowsUpdated", 0))
-        return WriteResult(name, int(last["version"]), written, str(last["operation"]))
+        return WriteResult(name, version, written, str(info.get("operation")))
+
+    def _note_own_commit(self, name: str, ensured_at: tuple[int, TableSpec] | None, version: int) -> None:
+        """Our own data commit right after the ensured version keeps the table ensured (it changes no schema or
+        constraint); any commit by someone else in between means looking again next time."""
+        if ensured_at is not None and version == ensured_at[0] + 1:
+            self._ensured[name] = (version, ensured_at[1])
 
     def _drop_location(self, name: str) -> None:
         self.delete_path(self.location(name))
@@ -499,7 +518,54 @@ class Lakehouse:
         return table.history(limit) if limit else table.history()
 
     def version(self, name: str) -> int:
-        return int(self.history(name, 1).select("version").collect()[0][0])
+        """The table's latest version, from its Delta log (a listing of the log, no Spark job)."""
+        if not self.exists(name):
+            raise TableError(f"table {name} does not exist yet at {self.location(name)}")
+        jvm = self.spark.sparkContext._jvm  # noqa: SLF001
+        log_ = jvm.org.apache.spark.sql.delta.DeltaLog.forTable(  # type: ignore[union-attr]
+            self.spark._jsparkSession, self.location(name))  # noqa: SLF001
+        none = jvm.scala.Option.empty()  # type: ignore[union-attr]
+        return int(log_.update(False, none, none).version())
+
+    def last_commit(self, name: str) -> tuple[int, dict[str, Any]]:
+        """The latest version and its commitInfo."""
+        version = self.version(name)
+        return version, self.commit_info(name, version)
+
+    def commit_info(self, name: str, version: int) -> dict[str, Any]:
+        """The commitInfo action of one commit (operation, parameters, metrics); {} when the commit's log file no
+        longer exists (log clean-up)."""
+        for action in self.log_actions(name, version) or []:
+            if "commitInfo" in action:
+                info: dict[str, Any] = action["commitInfo"]
+                return info
+        return {}
+
+    def log_actions(self, name: str, version: int) -> list[dict[str, Any]] | None:
+        """The actions (add, remove, metaData, commitInfo, ...) of one commit, read from its file in the Delta
+        log on the driver (no Spark job: a commit file is small); None when the file no longer exists."""
+        fs, path = self._hadoop_path(f"{self.location(name)}/_delta_log/{version:020d}.json")
+        if not fs.exists(path):
+            return None
+        jvm = self.spark.sparkContext._jvm  # noqa: SLF001
+        stream = fs.open(path)
+        try:
+            text = jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")  # type: ignore[union-attr]
+        finally:
+            stream.close()
+        return [json.loads(line) for line in str(text).splitlines() if line.strip()]
+        jvm = self.spark.sparkContext._jvm  # noqa: SLF001
+        stream = fs.open(path)
+        try:
+            text = jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")  # type: ignore[union-attr]
+        finally:
+            stream.close()
+        for line in str(text).splitlines():
+            action = json.loads(line) if line.strip() else {}
+            if "commitInfo" in action:
+                info: dict[str, Any] = action["commitInfo"]
+                return info
+        return {}
 
     def changed_partitions(self, name: str, column: str, after_version: int,
                            up_to_version: int | None = None) -> set[str] | None:
@@ -511,18 +577,16 @@ class Lakehouse:
         last = self.version(name) if up_to_version is None else up_to_version
         if last <= after_version:
             return set()
-        fs, _ = self._hadoop_path(self.location(name))
-        jvm = self.spark.sparkContext._jvm  # noqa: SLF001
-        paths = [f"{self.location(name)}/_delta_log/{v:020d}.json" for v in range(after_version + 1, last + 1)]
-        if not all(fs.exists(jvm.org.apache.hadoop.fs.Path(p)) for p in paths):  # type: ignore[union-attr]
-            return None
         values: set[str] = set()
-        for row in self.spark.read.text(paths).collect():
-            action = json.loads(row[0])
-            for kind in ("add", "remove"):
-                part = (action.get(kind) or {}).get("partitionValues") or {}
-                if column in part and part[column] is not None:
-                    values.add(part[column])
+        for version in range(after_version + 1, last + 1):
+            actions = self.log_actions(name, version)
+            if actions is None:
+                return None
+            for action in actions:
+                for kind in ("add", "remove"):
+                    part = (action.get(kind) or {}).get("partitionValues") or {}
+                    if column in part and part[column] is not None:
+                        values.add(part[column])
         return values
 
 

@@ -111,6 +111,46 @@ def test_existing_table_gets_a_missing_constraint_after_checking_its_rows(spark:
     assert "delta.constraints.count_at_least_one" not in lake.properties("silver.test_measures")
 
 
+def test_write_results_come_from_the_commit_log(spark: SparkSession, lake: Lakehouse) -> None:
+    first = lake.write(rows(spark, [(D1, "a", 20), (D2, "a", 30), (D3, "a", 50)]), "silver.test_measures")
+    second = lake.write(rows(spark, [(D2, "b", 7)]), "silver.test_measures", period=(D2, D2))
+    history = {h["version"]: h for h in lake.history("silver.test_measures").collect()}
+    assert lake.version("silver.test_measures") == max(history) == second.version == first.version + 1
+    assert (first.rows_written, first.operation) == (3, "WRITE")
+    assert second.rows_written == int(history[second.version]["operationMetrics"]["numOutputRows"]) == 1
+    assert lake.commit_info("silver.test_measures", second.version)["operation"] == history[second.version][
+        "operation"] == second.operation
+    n_deleted = lake.delete("silver.test_measures", {"date": D3})
+    assert n_deleted == 1 and lake.version("silver.test_measures") == second.version + 1
+
+
+def test_changed_partitions_read_from_the_log(spark: SparkSession, lake: Lakehouse) -> None:
+    v0 = lake.write(rows(spark, [(D1, "a", 20), (D2, "a", 30)]), "silver.test_measures").version
+    lake.write(rows(spark, [(D2, "b", 7)]), "silver.test_measures", period=(D2, D2))
+    v2 = lake.write(rows(spark, [(D3, "c", 9)]), "silver.test_measures", mode="append").version
+    assert lake.changed_partitions("silver.test_measures", "date", v0) == {D2.isoformat(), D3.isoformat()}
+    assert lake.changed_partitions("silver.test_measures", "date", v0, v0 + 1) == {D2.isoformat()}
+    assert lake.changed_partitions("silver.test_measures", "date", v2) == set()
+    # a commit file removed (log clean-up): the caller cannot tell what changed
+    (Path(lake.location("silver.test_measures")) / "_delta_log" / f"{v0 + 1:020d}.json").unlink()
+    assert lake.changed_partitions("silver.test_measures", "date", v0, v2) is None
+    with pytest.raises(TableError, match="not a partition column"):
+        lake.changed_partitions("silver.test_measures", "unit", v0)
+
+
+def test_a_constraint_dropped_between_writes_is_put_back(spark: SparkSession, lake: Lakehouse) -> None:
+    # An insider (or another tool) drops the CHECK constraint after this process last looked at the table: the
+    # next write through the registry sees the new version, adds the constraint again and rejects the row.
+    lake.write(rows(spark, [(D1, "a", 20)]), "silver.test_measures")
+    lake.write(rows(spark, [(D2, "a", 21)]), "silver.test_measures", mode="append")
+    spark.sql(f"ALTER TABLE delta.`{lake.location('silver.test_measures')}` DROP CONSTRAINT count_at_least_one")
+    assert "delta.constraints.count_at_least_one" not in lake.properties("silver.test_measures")
+    with pytest.raises(Exception, match="count_at_least_one"):
+        lake.write(rows(spark, [(D3, "b", 0)]), "silver.test_measures", mode="append")
+    assert content(lake) == [(D1, "a", 20), (D2, "a", 21)]
+    assert lake.properties("silver.test_measures")["delta.constraints.count_at_least_one"] == "n_subscribers >= 1"
+
+
 def test_failed_first_write_leaves_no_table(spark: SparkSession, lake: Lakehouse) -> None:
     with pytest.raises(Exception, match="count_at_least_one"):
         lake.write(rows(spark, [(D1, "a", 0)]), "silver.test_measures")

@@ -6,9 +6,11 @@ only what those days change, and its result equals a full ``cdr.mobility`` run o
 1. The changed days: bronze partitions that commits after the last run's bronze version added or removed (from
    the Delta log), plus the days the period gained. Their ``silver.cdr_subscriber_days`` partitions are
    recomputed from bronze; no other day's events are read.
-2. The activity filters look at the whole period (totals, the mean per day of the period), so they are run
-   again over the stored subscriber days (one row per subscriber, unit and day, a fraction of the events).
-   Subscribers whose verdict changed ("flipped") are the only ones whose rows on other days change.
+2. The activity filters look at the whole period (totals, the most on one day, the mean per day of the
+   period). When the run only adds days after the last run's period (the daily case), the stored
+   per-subscriber totals are carried and only the new days' subscriber days read; when an earlier day changed,
+   the filters run again over every stored subscriber day of the period. Subscribers whose verdict changed
+   ("flipped") are the only ones whose rows on other days change.
 3. Daily locations: the changed days are replaced; on other days, rows of subscribers now left out are
    deleted and rows of subscribers now kept are added.
 4. Home locations: windows that contain a changed day, or whose bounds moved with the period's end, are
@@ -38,6 +40,7 @@ from delta.tables import DeltaTable
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql.window import Window
 
 from jobs.cdr import mobility as m
 from lib.config import CdrSettings, Config
@@ -50,15 +53,15 @@ class IncrementalRefused(JobFailed):
     prints it and exits 4, nothing written)."""
 
 
-def last_run(lake: Lakehouse, spatial_unit: str | None) -> dict[str, Any] | None:
-    """The latest recorded run for the spatial unit (None: of any unit)."""
+def last_runs(lake: Lakehouse, spatial_unit: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The latest recorded run for the spatial unit, and the latest of any unit (one read of the run log)."""
     if not lake.exists("silver.cdr_mobility_runs"):
-        return None
-    runs = lake.read("silver.cdr_mobility_runs")
-    if spatial_unit is not None:
-        runs = runs.filter(F.col("spatial_unit") == spatial_unit)
-    rows = runs.orderBy(F.col("finished_at").desc()).limit(1).collect()
-    return rows[0].asDict() if rows else None
+        return None, None
+    w = Window.partitionBy("spatial_unit").orderBy(F.col("finished_at").desc())
+    rows = [r.asDict() for r in lake.read("silver.cdr_mobility_runs").withColumn("_n", F.row_number().over(w))
+            .filter("_n = 1").drop("_n").collect()]
+    mine = [r for r in rows if r["spatial_unit"] == spatial_unit]
+    return (mine[0] if mine else None), max(rows, key=lambda r: r["finished_at"], default=None)
 
 
 def _dates_between(first: date, last: date) -> list[date]:
@@ -123,7 +126,7 @@ def _merge_counts(lake: Lakehouse, name: str, delta: DataFrame, keys: list[str],
 def run(lake: Lakehouse, cfg: Config, start: date, end: date) -> None:
     cdr: CdrSettings = cfg.cdr
     unit = cdr.spatial_unit
-    last = last_run(lake, unit)
+    last, latest = last_runs(lake, unit)
     if last is None:
         raise IncrementalRefused(f"no earlier cdr.mobility run for spatial unit {unit}: run it without "
                                  "--incremental first")
@@ -140,7 +143,6 @@ def run(lake: Lakehouse, cfg: Config, start: date, end: date) -> None:
     if cells_v != last["cells_version"]:
         raise IncrementalRefused("silver.cdr_cells changed since the last run: run cdr.mobility without "
                                  "--incremental")
-    latest = last_run(lake, None)
     assert latest is not None
     recorded, now = json.loads(latest["table_versions"]), m.table_versions(lake)
     ahead = sorted(n for n in now if now[n] != recorded.get(n))
@@ -163,8 +165,11 @@ def run(lake: Lakehouse, cfg: Config, start: date, end: date) -> None:
         rows = m.subscriber_days(events, lake.read("silver.cdr_cells", version=cells_v), cdr)
         st.rows_out = lake.write(rows, "silver.cdr_subscriber_days", where={"date": days, **scope}).rows_written
 
-    # 2. the activity filters over the whole period; who flipped
-    m.write_activity(lake, cdr, start, end)
+    # 2. the activity filters over the whole period; who flipped. When the run only adds the days after the last
+    # run's period, the stored per-subscriber totals are carried and only the new days read.
+    new_days = _dates_between(last["period_end"] + timedelta(days=1), end) if end > last["period_end"] else []
+    appended = (days, before["silver.cdr_subscriber_activity"]) if days == new_days else None
+    m.write_activity(lake, cdr, start, end, appended)
     old = lake.read("silver.cdr_subscriber_activity", version=before["silver.cdr_subscriber_activity"]).filter(
         F.col("spatial_unit") == unit).select("subscriber_id", F.col("excluded").isNull().alias("_was"))
     new = lake.read("silver.cdr_subscriber_activity").filter(F.col("spatial_unit") == unit).select(
@@ -181,28 +186,31 @@ def run(lake: Lakehouse, cfg: Config, start: date, end: date) -> None:
     kept = m.kept_stats(lake, cdr, start, end)
     other_days = ~_in("date", days)
 
-    # 3. daily locations
-    with stage("cdr.daily_locations -> silver (changed days)") as st:
+    # 3. daily locations and 4. home locations: independent of each other (homes come from the night-time rows of
+    # the subscriber days), so written side by side.
+    def write_daily() -> int:
         fresh = m.daily_from_stats(kept.filter(_in("date", days)), cdr.daily_location_rule, unit, "day")
-        st.rows_out = lake.write(fresh, "silver.cdr_daily_locations", where={"date": days, **scope}).rows_written
+        n = lake.write(fresh, "silver.cdr_daily_locations", where={"date": days, **scope}).rows_written
         if n_flipped:
             not_days = f"t.spatial_unit = '{unit}' AND NOT ({_sql_in('date', days)})"
             _merge_delete(lake, "silver.cdr_daily_locations", removed, not_days)
             gained = m.daily_from_stats(kept.filter(other_days).join(added, "subscriber_id", "left_semi"),
                                         cdr.daily_location_rule, unit, "day")
             lake.write(gained, "silver.cdr_daily_locations", mode="append")
+        return n
 
-    # 4. home locations
     windows = m.home_windows(cdr, start, end)
     old_windows = m.home_windows(cdr, start, last["period_end"])
     dirty = [w for w in windows if w not in old_windows or any(w[1] <= d <= w[2] for d in days)]
     clean = [w for w in windows if w not in dirty]
-    with stage("cdr.home_locations -> silver (changed windows)") as st:
+
+    def write_homes() -> int:
+        n = 0
         night = m.daily_from_stats(kept, cdr.daily_location_rule, unit, "night")
         if dirty:
             homes = m.home_locations(night, dirty, cdr.home_min_days)
-            st.rows_out = lake.write(homes, "silver.cdr_home_locations",
-                                     where={"window": [w[0] for w in dirty], **scope}).rows_written
+            n = lake.write(homes, "silver.cdr_home_locations",
+                           where={"window": [w[0] for w in dirty], **scope}).rows_written
         if n_flipped and clean:
             names = ", ".join(repr(w[0]) for w in clean)
             _merge_delete(lake, "silver.cdr_home_locations", removed,
@@ -210,27 +218,37 @@ def run(lake: Lakehouse, cfg: Config, start: date, end: date) -> None:
             gained_homes = m.home_locations(night.join(added, "subscriber_id", "left_semi"), clean,
                                             cdr.home_min_days)
             lake.write(gained_homes, "silver.cdr_home_locations", mode="append")
-        st.notes["windows"] = ", ".join(w[0] for w in dirty) or "none"
+        return n
 
-    # Subscribers whose contributions outside the recomputed partitions changed.
+    log.info("cdr.mobility --incremental: home windows recomputed: %s", ", ".join(w[0] for w in dirty) or "none")
+    side_by_side([Write("cdr.daily_locations -> silver (changed days)", write_daily),
+                  Write("cdr.home_locations -> silver (changed windows)", write_homes)], 2)
+
+    # Subscribers whose contributions outside the recomputed partitions changed: the flipped ones and, when the
+    # baseline window was recomputed, those whose baseline home changed (in a clean window only flipped
+    # subscribers' rows change).
     old_homes = m.read_slice(lake, "silver.cdr_home_locations", cdr, windows[0][1], windows[-1][1],
                              version=before["silver.cdr_home_locations"])
     new_homes = m.read_slice(lake, "silver.cdr_home_locations", cdr, windows[0][1], windows[-1][1])
+    affected = flips.select("subscriber_id")
+    if any(w[0] == "baseline" for w in dirty):
+        def baseline(h: DataFrame) -> DataFrame:
+            return h.filter(F.col("window") == "baseline").select("subscriber_id", "home_unit")
 
-    def baseline(h: DataFrame) -> DataFrame:
-        return h.filter(F.col("window") == "baseline").select("subscriber_id", "home_unit")
-
-    old_b = baseline(old_homes).withColumnRenamed("home_unit", "_old")
-    new_b = baseline(new_homes).withColumnRenamed("home_unit", "_new")
-    base_changed = (old_b.join(new_b, "subscriber_id", "full_outer")
-                    .filter(~F.col("_old").eqNullSafe(F.col("_new"))).select("subscriber_id"))
-    affected = flips.select("subscriber_id").union(base_changed).distinct().persist(StorageLevel.MEMORY_AND_DISK)
+        old_b = baseline(old_homes).withColumnRenamed("home_unit", "_old")
+        new_b = baseline(new_homes).withColumnRenamed("home_unit", "_new")
+        base_changed = (old_b.join(new_b, "subscriber_id", "full_outer")
+                        .filter(~F.col("_old").eqNullSafe(F.col("_new"))).select("subscriber_id"))
+        affected = affected.union(base_changed).distinct()
+    affected = affected.persist(StorageLevel.MEMORY_AND_DISK)
     n_affected = affected.count()
 
     # 5. gold
     old_daily = m.read_slice(lake, "silver.cdr_daily_locations", cdr, start, end,
                              version=before["silver.cdr_daily_locations"])
-    daily = m.read_slice(lake, "silver.cdr_daily_locations", cdr, start, end).persist(StorageLevel.MEMORY_AND_DISK)
+    # Not cached: each recomputed partition reads only its days (partition pruning), and the merge below reads
+    # the affected subscribers' rows.
+    daily = m.read_slice(lake, "silver.cdr_daily_locations", cdr, start, end)
     try:
         if cdr.scaling.enabled():
             log.info("cdr.mobility --incremental: population scaling is on; gold recomputed from silver in full")
@@ -240,7 +258,6 @@ def run(lake: Lakehouse, cfg: Config, start: date, end: date) -> None:
             gold_incremental(lake, cfg, days, start, end, windows, daily, old_daily, new_homes, old_homes,
                              affected if n_affected else None)
     finally:
-        daily.unpersist()
         affected.unpersist()
         flips.unpersist()
     m.record_run(lake, cdr, start, end, bronze_v, cells_v, "incremental", days, n_flipped)
@@ -249,16 +266,17 @@ def run(lake: Lakehouse, cfg: Config, start: date, end: date) -> None:
 def gold_incremental(lake: Lakehouse, cfg: Config, days: list[date], start: date, end: date,
                      windows: list[tuple[str, date, date]], daily: DataFrame, old_daily: DataFrame,
                      homes: DataFrame, old_homes: DataFrame, affected: DataFrame | None) -> None:
+    od_days = sorted({d for c in days for d in (c - timedelta(days=1), c) if start <= d <= end})
+    weeks = sorted({d - timedelta(days=d.weekday()) for d in od_days})
+    # the days of those weeks and of the weeks after them (a week's last transition ends in the next week)
+    week_days = sorted({w + timedelta(days=i) for w in weeks for i in range(14)})
+    next_days = sorted(set(od_days) | {d + timedelta(days=1) for d in od_days})
     cdr = cfg.cdr
     unit = cdr.spatial_unit
     scope = {"spatial_unit": unit}
-    od_days = sorted({d for c in days for d in (c - timedelta(days=1), c) if start <= d <= end})
-    weeks = sorted({d - timedelta(days=d.weekday()) for d in od_days})
-    week_col = F.date_trunc("week", F.col("date")).cast("date")
+    none: dict[str, float] = {}
     base = homes.filter(F.col("window") == "baseline")
     old_base = old_homes.filter(F.col("window") == "baseline")
-    none: dict[str, float] = {}
-    next_days = sorted(set(od_days) | {d + timedelta(days=1) for d in od_days})
 
     fresh: list[tuple[str, DataFrame, dict[str, Any]]] = [
         ("gold.cdr_presence_daily", m.with_estimate(m.presence(daily.filter(_in("date", days))), none, "unit",
@@ -267,9 +285,8 @@ def gold_incremental(lake: Lakehouse, cfg: Config, days: list[date], start: date
                                               "n_subscribers").filter(_in("date", od_days)),
          {"date": od_days, **scope}),
         ("gold.cdr_od_weekly", m.with_estimate(
-            m.od_weekly(daily.withColumn("_week", week_col).filter(
-                _in("_week", weeks) | _in("_week", [w + timedelta(days=7) for w in weeks])).drop("_week"),
-                start, end), none, "origin", "n_subscribers").filter(_in("week_start", weeks)),
+            m.od_weekly(daily.filter(_in("date", week_days)), start, end), none, "origin", "n_subscribers")
+         .filter(_in("week_start", weeks)),
          {"week_start": weeks, **scope}),
         ("gold.cdr_od_home_current", m.with_estimate(m.od_home_current(daily.filter(_in("date", days)), base),
                                                      none, "origin", "n_subscribers"), {"date": days, **scope}),
@@ -290,7 +307,8 @@ def gold_incremental(lake: Lakehouse, cfg: Config, days: list[date], start: date
         for name, df in (("gold.cdr_displacement", m.with_estimate(od, none, "origin", "n_subscribers")),
                          ("gold.cdr_displacement_share", m.with_estimate(share, none, "origin", "n_away"))):
             writes.append(Write(f"cdr.{name.split('.', 1)[1]} -> gold", replace_period(name, df, d_period, d_scope)))
-    side_by_side(writes, cfg.spark.concurrent_jobs)
+    # Partition-sized writes: their time is mostly Delta's commit protocol on the driver, so all of them at once.
+    side_by_side(writes, max(cfg.spark.concurrent_jobs, len(writes)))
     if affected is None:
         return
 

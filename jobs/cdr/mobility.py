@@ -131,6 +131,12 @@ def activity_verdict(events: DataFrame, cdr: CdrSettings, n_days: int) -> DataFr
     n = F.sum("n_all") if "n_all" in events.columns else F.count("*")
     per_day = events.groupBy("subscriber_id", "date").agg(n.alias("n_day"))
     stats = per_day.groupBy("subscriber_id").agg(F.sum("n_day").alias("n"), F.max("n_day").alias("max_day"))
+    return with_verdict(stats, cdr, n_days)
+
+
+def with_verdict(stats: DataFrame, cdr: CdrSettings, n_days: int) -> DataFrame:
+    """The activity filters' ``excluded`` reason for per-subscriber totals (``n``, ``max_day``) over a period of
+    ``n_days`` days."""
     reason = (
         F.when(F.col("n") < cdr.min_events, F.lit(ACTIVITY_REASONS[0]))
         .when(F.col("n") / F.lit(n_days) > cdr.max_mean_events_per_day, F.lit(ACTIVITY_REASONS[1]))
@@ -331,9 +337,22 @@ def subscriber_days(events: DataFrame, cells: DataFrame, cdr: CdrSettings) -> Da
           for c in ("n_all", "n_day", "last_day", "n_night", "last_night")])
 
 
-def activity_rows(stats: DataFrame, cdr: CdrSettings, start: date, end: date) -> DataFrame:
-    """silver.cdr_subscriber_activity rows: the activity filters over the period's subscriber days."""
-    verdict = activity_verdict(stats, cdr, (end - start).days + 1)
+def activity_rows(stats: DataFrame, cdr: CdrSettings, start: date, end: date,
+                  earlier: DataFrame | None = None) -> DataFrame:
+    """silver.cdr_subscriber_activity rows: the activity filters over the period's subscriber days.
+
+    ``earlier``: the table's rows for the period up to the day before the first of ``stats``' days (an
+    incremental run that only adds days): their totals are carried, so only the new days are read.
+    """
+    if earlier is None:
+        verdict = activity_verdict(stats, cdr, (end - start).days + 1)
+    else:
+        per_day = stats.groupBy("subscriber_id", "date").agg(F.sum("n_all").alias("n_day"))
+        new = per_day.groupBy("subscriber_id").agg(F.sum("n_day").alias("n"), F.max("n_day").alias("max_day"))
+        old = earlier.select("subscriber_id", F.col("n_events").alias("n"), F.col("max_events_day").alias("max_day"))
+        totals = old.unionByName(new).groupBy("subscriber_id").agg(F.sum("n").alias("n"),
+                                                                   F.max("max_day").alias("max_day"))
+        verdict = with_verdict(totals, cdr, (end - start).days + 1)
     return verdict.select(F.lit(cdr.spatial_unit).alias("spatial_unit"), F.lit(start).alias("period_start"),
                           F.lit(end).alias("period_end"), "subscriber_id", F.col("n").cast("long").alias("n_events"),
                           F.col("max_day").cast("long").alias("max_events_day"), "excluded")
@@ -356,10 +375,24 @@ def kept_stats(lake: Lakehouse, cdr: CdrSettings, start: date, end: date) -> Dat
     return stats.join(kept, on="subscriber_id", how="left_semi")
 
 
-def write_activity(lake: Lakehouse, cdr: CdrSettings, start: date, end: date) -> dict[str, int]:
-    """Run the activity filters over the stored subscriber days; write and return the verdict counts."""
+def write_activity(lake: Lakehouse, cdr: CdrSettings, start: date, end: date,
+                   appended: tuple[list[date], int] | None = None) -> dict[str, int]:
+    """Run the activity filters over the stored subscriber days; write and return the verdict counts.
+
+    ``appended=(days, version)``: the period grew by ``days`` (all after the end of the period the table held
+    at ``version``, which they extend without a gap): the stored totals are carried and only those days read.
+    """
     with stage("cdr.activity_filter -> silver") as st:
-        rows = activity_rows(read_slice(lake, "silver.cdr_subscriber_days", cdr, start, end), cdr, start, end)
+        if appended is None:
+            rows = activity_rows(read_slice(lake, "silver.cdr_subscriber_days", cdr, start, end), cdr, start, end)
+        else:
+            days, version = appended
+            earlier = lake.read("silver.cdr_subscriber_activity", version=version).filter(
+                F.col("spatial_unit") == cdr.spatial_unit)
+            new_days = read_slice(lake, "silver.cdr_subscriber_days", cdr, min(days), max(days)).filter(
+                F.col("date").isin(days))
+            rows = activity_rows(new_days, cdr, start, end, earlier)
+            st.notes["carried"] = "totals up to the day before " + min(days).isoformat()
         lake.write(rows, "silver.cdr_subscriber_activity", where={"spatial_unit": cdr.spatial_unit})
         counts = {r["excluded"] or "kept": r["n"] for r in lake.read("silver.cdr_subscriber_activity").filter(
             F.col("spatial_unit") == cdr.spatial_unit).groupBy("excluded").agg(F.count("*").alias("n")).collect()}
