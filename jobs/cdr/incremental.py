@@ -21,7 +21,8 @@ only what those days change, and its result equals a full ``cdr.mobility`` run o
    flipped ones and those whose baseline home changed), which are computed from silver before and after this
    run (Delta time travel) and merged in. Every count is a number of distinct subscribers that each add at
    most one, so old minus new contributions is exact. Displacement tables (a few rows per week, built from
-   home locations) are recomputed whole.
+   home locations): with no affected subscriber only the recomputed post-event windows are replaced (a
+   window's rows depend on the baselines and that window's homes); otherwise every window.
 
 With population scaling, a changed baseline can change every weight, so the gold tables are then recomputed
 from silver in full (logged). A run with other settings, another period start, an earlier period end, after the cells table changed, or
@@ -255,7 +256,7 @@ def run(lake: Lakehouse, cfg: Config, start: date, end: date) -> None:
             side_by_side(m.gold_writes(lake, cdr, daily, new_homes, start, end, windows, None),
                          cfg.spark.concurrent_jobs)
         else:
-            gold_incremental(lake, cfg, days, start, end, windows, daily, old_daily, new_homes, old_homes,
+            gold_incremental(lake, cfg, days, start, end, windows, dirty, daily, old_daily, new_homes, old_homes,
                              affected if n_affected else None)
     finally:
         affected.unpersist()
@@ -264,7 +265,8 @@ def run(lake: Lakehouse, cfg: Config, start: date, end: date) -> None:
 
 
 def gold_incremental(lake: Lakehouse, cfg: Config, days: list[date], start: date, end: date,
-                     windows: list[tuple[str, date, date]], daily: DataFrame, old_daily: DataFrame,
+                     windows: list[tuple[str, date, date]], dirty: list[tuple[str, date, date]],
+                     daily: DataFrame, old_daily: DataFrame,
                      homes: DataFrame, old_homes: DataFrame, affected: DataFrame | None) -> None:
     od_days = sorted({d for c in days for d in (c - timedelta(days=1), c) if start <= d <= end})
     weeks = sorted({d - timedelta(days=d.weekday()) for d in od_days})
@@ -301,12 +303,23 @@ def gold_incremental(lake: Lakehouse, cfg: Config, days: list[date], start: date
               for name, df, where in fresh]
     if len(windows) > 1:
         assert cdr.event_date is not None
-        od, share = m.displacement(homes, cdr.event_date)
         d_scope = {**scope, "event_date": cdr.event_date}
-        d_period = (windows[1][1], windows[-1][1])
+        post_dirty = [w for w in dirty if w[0] != "baseline"]
+        # Without affected subscribers no baseline home changed and nobody flipped: a post-event window's rows
+        # depend on the baseline and that window's homes only, so only the recomputed post-event windows are
+        # replaced (none: the tables stay as they are). Otherwise every window is.
+        names = ["baseline", *[w[0] for w in post_dirty]]
+        source = homes if affected is not None else homes.filter(F.col("window").isin(names))
+        od, share = m.displacement(source, cdr.event_date)
         for name, df in (("gold.cdr_displacement", m.with_estimate(od, none, "origin", "n_subscribers")),
                          ("gold.cdr_displacement_share", m.with_estimate(share, none, "origin", "n_away"))):
-            writes.append(Write(f"cdr.{name.split('.', 1)[1]} -> gold", replace_period(name, df, d_period, d_scope)))
+            if affected is not None:
+                work = replace_period(name, df, (windows[1][1], windows[-1][1]), d_scope)
+            elif post_dirty:
+                work = replace(name, df, {"window_start": [w[1] for w in post_dirty], **d_scope})
+            else:
+                continue
+            writes.append(Write(f"cdr.{name.split('.', 1)[1]} -> gold", work))
     # Partition-sized writes: their time is mostly Delta's commit protocol on the driver, so all of them at once.
     side_by_side(writes, max(cfg.spark.concurrent_jobs, len(writes)))
     if affected is None:

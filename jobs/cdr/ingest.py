@@ -342,10 +342,13 @@ def read_inputs(spark: SparkSession, cfg: Config) -> DataFrame:
     return raw
 
 
-def write_events(lake: Lakehouse, tagged: DataFrame, start: date, end: date) -> tuple[int, int, int]:
-    """Bronze and quarantine from the classified rows; (rows in, accepted, quarantined), conserved."""
+def write_events(lake: Lakehouse, tagged: DataFrame, start: date, end: date) -> tuple[int, int, int, dict[str, int]]:
+    """Bronze and quarantine from the classified rows; (rows in, accepted, quarantined, rows in by quarantine
+    reason), conserved."""
     with stage("cdr.ingest -> bronze.cdr_events") as st:
-        st.rows_in = rows_in = tagged.count()
+        by_reason = {r["reason"]: int(r["count"]) for r in tagged.groupBy("reason").count().collect()}
+        st.rows_in = rows_in = sum(by_reason.values())
+        by_reason.pop(None, None)
         accepted = lake.write(accepted_events(tagged), "bronze.cdr_events", period=(start, end)).rows_written
         # Rows are filed under the run's first day; the whole period is replaced, so a full re-run also replaces
         # the quarantine rows that daily runs filed under the days it covers.
@@ -355,7 +358,7 @@ def write_events(lake: Lakehouse, tagged: DataFrame, start: date, end: date) -> 
     if accepted + quarantined != rows_in:
         raise RuntimeError(f"row conservation failed: {rows_in} rows in, {accepted} accepted + {quarantined} "
                            "quarantined")
-    return rows_in, accepted, quarantined
+    return rows_in, accepted, quarantined, by_reason
 
 
 def run(spark: SparkSession, cfg: Config) -> None:
@@ -369,9 +372,6 @@ def run(spark: SparkSession, cfg: Config) -> None:
     # twice); the folder is removed after, or by the next run if this one dies.
     with lake.staging("cdr_ingest") as staging:
         classify_events(raw, cells, start, end, key, cfg.cdr.timestamp_format).write.parquet(staging)
-        rows_in, accepted, quarantined = write_events(lake, spark.read.parquet(staging), start, end)
-    by_reason = (lake.read("quarantine.cdr_events").filter(F.col("period_start") == F.lit(start))
-                 .groupBy("reason").count().collect())
+        rows_in, accepted, quarantined, by_reason = write_events(lake, spark.read.parquet(staging), start, end)
     log.info("cdr.ingest: %d rows in = %d accepted + %d quarantined (%s)", rows_in, accepted, quarantined,
-             ", ".join(f"{r['reason']}={r['count']}" for r in sorted(by_reason, key=lambda r: r["reason"]))
-             or "none")
+             ", ".join(f"{k}={v}" for k, v in sorted(by_reason.items())) or "none")
