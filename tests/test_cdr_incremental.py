@@ -1,5 +1,5 @@
 """An incremental day equals the full re-run: day added, activity verdicts flipped, a late re-delivery that moves
-a baseline home, and the same delivery twice.
+a baseline home, the same delivery twice, and a quiet day that changes no verdict and no baseline.
 
 The demo generator's events are split into daily deliveries (as an operator sends them) plus three planted
 subscribers. Lakehouse A receives them day by day (``cdr.ingest`` for the delivery's days, then ``cdr.mobility
@@ -29,7 +29,7 @@ KEY = "test-key-incremental-0123456789"
 TABLES = ["silver.cdr_subscriber_days", "silver.cdr_daily_locations", "silver.cdr_home_locations",
           "silver.cdr_subscriber_activity", "gold.cdr_presence_daily", "gold.cdr_od_daily", "gold.cdr_od_weekly",
           "gold.cdr_od_home_current", "gold.cdr_displacement", "gold.cdr_displacement_share"]
-N_DAYS = 11  # days 0..9 are the history, day 10 is the new day
+N_DAYS = 12  # days 0..9 are the history, day 10 is the new day, day 11 a quiet one
 INCREMENTAL = argparse.Namespace(incremental=True)
 # Planted subscribers (MSISDN, what they test):
 GAINED = "255700000001"  # 2 events before day 10, a 3rd on day 10: the activity filter now keeps it
@@ -162,7 +162,7 @@ def test_incremental_days_equal_the_full_rerun(world) -> None:  # type: ignore[n
     assert after_day != before
 
     b1 = Lakehouse(spark, str(root / "b1"))
-    full_run(spark, with_run(base, root / "b1", days[0], new_day, inputs(root, days, {}) + outside))
+    full_run(spark, with_run(base, root / "b1", days[0], new_day, inputs(root, days[:11], {}) + outside))
     assert differences(after_day, snapshot(b1)) == {}
 
     # The flipped subscribers' rows on earlier days follow their new verdict.
@@ -181,7 +181,7 @@ def test_incremental_days_equal_the_full_rerun(world) -> None:  # type: ignore[n
     assert baseline_home(a, MOVER) != "R1-D5"
 
     b2_root = root / "b2"
-    full_run(spark, with_run(base, b2_root, days[0], new_day, inputs(root, days, late) + outside))
+    full_run(spark, with_run(base, b2_root, days[0], new_day, inputs(root, days[:11], late) + outside))
     assert differences(after_late, snapshot(Lakehouse(spark, str(b2_root)))) == {}
 
     # The same delivery twice changes nothing.
@@ -189,12 +189,27 @@ def test_incremental_days_equal_the_full_rerun(world) -> None:  # type: ignore[n
     mobility.run(spark, with_run(base, a_root, days[0], new_day, []), INCREMENTAL)
     assert differences(snapshot(a), after_late) == {}
 
+    # A quiet day: nobody flips and no baseline home moves, so the activity totals are carried and only the
+    # post-event window the day falls in is replaced in the displacement tables.
+    quiet = days[11]
+    displacement_before = {n: after_late[n] for n in ("gold.cdr_displacement", "gold.cdr_displacement_share")}
+    ingest.run(spark, with_run(base, a_root, quiet, quiet, inputs(root, [quiet], late)))
+    mobility.run(spark, with_run(base, a_root, days[0], quiet, []), INCREMENTAL)
+    runs = a.read("silver.cdr_mobility_runs").orderBy("finished_at").collect()
+    assert (runs[-1]["dates_recomputed"], runs[-1]["subscribers_flipped"]) == (quiet.isoformat(), 0)
+    after_quiet = snapshot(a)
+    b3_root = root / "b3"
+    full_run(spark, with_run(base, b3_root, days[0], quiet, inputs(root, days, late) + outside))
+    assert differences(after_quiet, snapshot(Lakehouse(spark, str(b3_root)))) == {}
+    for name, rows in displacement_before.items():  # windows before the quiet day's are kept as they were
+        assert rows and {r for r in after_quiet[name] if r[2] < quiet} == {r for r in rows if r[2] < quiet}
+
     # A full re-ingest later replaces the quarantine rows the daily runs filed, instead of adding to them.
     daily_quarantine = a.read("quarantine.cdr_events").filter(F.col("period_start") > days[0]).count()
     assert daily_quarantine > 0
-    ingest.run(spark, with_run(base, a_root, days[0], new_day, inputs(root, days, late) + outside))
-    b2_quarantine = Lakehouse(spark, str(b2_root)).read("quarantine.cdr_events")
-    assert a.read("quarantine.cdr_events").count() == b2_quarantine.count() > 0
+    ingest.run(spark, with_run(base, a_root, days[0], quiet, inputs(root, days, late) + outside))
+    b3_quarantine = Lakehouse(spark, str(b3_root)).read("quarantine.cdr_events")
+    assert a.read("quarantine.cdr_events").count() == b3_quarantine.count() > 0
 
 
 def test_incremental_refuses_what_it_cannot_equal(world) -> None:  # type: ignore[no-untyped-def]
