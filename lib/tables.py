@@ -554,18 +554,6 @@ class Lakehouse:
         finally:
             stream.close()
         return [json.loads(line) for line in str(text).splitlines() if line.strip()]
-        jvm = self.spark.sparkContext._jvm  # noqa: SLF001
-        stream = fs.open(path)
-        try:
-            text = jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")  # type: ignore[union-attr]
-        finally:
-            stream.close()
-        for line in str(text).splitlines():
-            action = json.loads(line) if line.strip() else {}
-            if "commitInfo" in action:
-                info: dict[str, Any] = action["commitInfo"]
-                return info
-        return {}
 
     def changed_partitions(self, name: str, column: str, after_version: int,
                            up_to_version: int | None = None) -> set[str] | None:
