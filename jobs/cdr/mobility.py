@@ -128,10 +128,14 @@ def activity_verdict(events: DataFrame, cdr: CdrSettings, n_days: int) -> DataFr
     ``max_mean_events_per_day`` per day of the period on average, or more than
     ``max_events_single_day`` on one day (the World Bank COVID-19 indicator rules).
     """
+    return with_verdict(activity_totals(events), cdr, n_days)
+
+
+def activity_totals(events: DataFrame) -> DataFrame:
+    """Per subscriber: ``n`` events and ``max_day`` (most on one day), from event rows or subscriber days."""
     n = F.sum("n_all") if "n_all" in events.columns else F.count("*")
     per_day = events.groupBy("subscriber_id", "date").agg(n.alias("n_day"))
-    stats = per_day.groupBy("subscriber_id").agg(F.sum("n_day").alias("n"), F.max("n_day").alias("max_day"))
-    return with_verdict(stats, cdr, n_days)
+    return per_day.groupBy("subscriber_id").agg(F.sum("n_day").alias("n"), F.max("n_day").alias("max_day"))
 
 
 def with_verdict(stats: DataFrame, cdr: CdrSettings, n_days: int) -> DataFrame:
@@ -347,8 +351,7 @@ def activity_rows(stats: DataFrame, cdr: CdrSettings, start: date, end: date,
     if earlier is None:
         verdict = activity_verdict(stats, cdr, (end - start).days + 1)
     else:
-        per_day = stats.groupBy("subscriber_id", "date").agg(F.sum("n_all").alias("n_day"))
-        new = per_day.groupBy("subscriber_id").agg(F.sum("n_day").alias("n"), F.max("n_day").alias("max_day"))
+        new = activity_totals(stats)
         old = earlier.select("subscriber_id", F.col("n_events").alias("n"), F.col("max_events_day").alias("max_day"))
         totals = old.unionByName(new).groupBy("subscriber_id").agg(F.sum("n").alias("n"),
                                                                    F.max("max_day").alias("max_day"))
