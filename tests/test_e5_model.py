@@ -183,3 +183,34 @@ def test_the_real_model_gets_obvious_posts_right_in_four_languages() -> None:
     }
     s = scorer.score(posts["positive"] + posts["negative"])
     assert list(s.label) == ["positive"] * 4 + ["negative"] * 4
+
+
+def test_members_are_averaged_into_one_model(tmp_path):  # type: ignore[no-untyped-def]
+    """``members: 2`` saves the uniform average of the two members' weights (seeds s and s + 1), each member
+    being what a one-member run with its seed saves: checked on a tiny encoder and a tiny training split."""
+    from safetensors.numpy import load_file
+
+    write_e5s1(tmp_path / "tiny.bin", seed=2)
+    e5_import.write_transformers(e5_import.read(tmp_path / "tiny.bin"), tmp_path / "hf")
+    data = tmp_path / "umsab" / "english"
+    data.mkdir(parents=True)
+    texts = ["migrants ab", "ab c", "é migrants", "c ab ab", "migrants", "ab", "c c", "é ab c"] * 3
+    (data / "train_text.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    (data / "train_labels.txt").write_text("\n".join(str(i % 3) for i in range(len(texts))) + "\n")
+    settings = {**train_e5.SETTINGS, "epochs": 1.0, "batch": 8, "lr": 1e-3, "warmup": 0.0}
+
+    def trained(name: str, **changes: object) -> dict[str, np.ndarray]:
+        train_e5.finetune(tmp_path / "hf", tmp_path / "umsab", tmp_path / name, {**settings, **changes},
+                          languages=("english",))
+        return load_file(str(tmp_path / name / "model.safetensors"))
+
+    a, b = trained("a", seed=7), trained("b", seed=8)
+    soup = trained("soup", seed=7, members=2)
+    assert soup.keys() == a.keys()
+    moved = [k for k in a if not np.array_equal(a[k], b[k])]
+    assert "classifier.weight" in moved and len(moved) > 10  # the two members really differ
+    for k in a:
+        np.testing.assert_allclose(soup[k], (a[k] + b[k]) / 2, rtol=1e-5, atol=1e-6, err_msg=k)
+    # The frozen word embeddings are the encoder's in every member, so in the average too.
+    np.testing.assert_array_equal(soup["bert.embeddings.word_embeddings.weight"],
+                                  a["bert.embeddings.word_embeddings.weight"])

@@ -63,10 +63,10 @@ SETTINGS: dict[str, Any] = {"epochs": 3.0, "lr": 5e-5, "batch": 32, "max_length"
                             "weight_decay": 0.01, "seed": 20240501, "freeze_word_embeddings": True,
                             "class_weights": True, "length_buckets": True, "average_last": 0.0,
                             "layer_decay": 1.0, "head_lr": 0.0, "label_smoothing": 0.0,
-                            "query_prefix": False}
+                            "query_prefix": False, "members": 1}
 
 
-NEUTRAL: dict[str, Any] = {"head_lr": 0.0, "label_smoothing": 0.0, "query_prefix": False}
+NEUTRAL: dict[str, Any] = {"head_lr": 0.0, "label_smoothing": 0.0, "query_prefix": False, "members": 1}
 
 
 class SetupError(RuntimeError):
@@ -146,10 +146,13 @@ def tokenizer_agreement(source: Path, encoder: Path, data: Path, per_language: i
 # ----------------------------------------------------------------------------- fine-tuning
 
 
-def _progress(step: int, total: int, started: float, loss: float) -> None:
+def _progress(step: int, total: int, started: float, loss: float, member: tuple[int, int] = (0, 1)) -> None:
+    """A progress line; the estimate includes the members still to train (``member``: index, count)."""
     elapsed = time.perf_counter() - started
-    eta = elapsed / step * (total - step)
-    print(f"[train] step {step}/{total} ({step / total:.0%}), loss {loss:.3f}, {elapsed / 60:.1f} min elapsed, "
+    per_step = elapsed / step
+    eta = per_step * (total - step) + per_step * total * (member[1] - member[0] - 1)
+    who = f"member {member[0] + 1}/{member[1]}, " if member[1] > 1 else ""
+    print(f"[train] {who}step {step}/{total} ({step / total:.0%}), loss {loss:.3f}, {elapsed / 60:.1f} min elapsed, "
           f"about {eta / 60:.1f} min left", file=sys.stderr, flush=True)
 
 
@@ -203,6 +206,37 @@ def add_query_prefix(tok: Any) -> None:
 
 def finetune(encoder: Path, data: Path, out: Path, settings: dict[str, Any],
              languages: tuple[str, ...] = LANGUAGES) -> dict[str, Any]:
+    """Fine-tune ``members`` copies of the encoder (seeds ``seed``, ``seed + 1``, ...: different head
+    initialisation and batch order) and save the uniform average of their weights (a "model soup": members
+    fine-tuned from the same pre-trained weights lie in one basin, so their average scores like an ensemble
+    at the cost of one model)."""
+    import torch
+
+    members = max(1, int(settings.get("members", 1)))
+    souped: dict[str, Any] = {}
+    info: dict[str, Any] = {}
+    started = time.perf_counter()
+    for m in range(members):
+        model, tok, info = _finetune_one(encoder, data, {**settings, "seed": settings["seed"] + m}, languages,
+                                         (m, members))
+        if members > 1:
+            with torch.no_grad():
+                for name, value in model.state_dict().items():
+                    if value.is_floating_point():
+                        prev = souped.get(name)
+                        souped[name] = value.detach().clone() if prev is None else prev + (value - prev) / (m + 1)
+    if souped:
+        model.load_state_dict(souped, strict=False)
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.model_max_length = 512
+    tok.save_pretrained(out)
+    return {**info, "members": members, "train_seconds": round(time.perf_counter() - started, 1)}
+
+
+def _finetune_one(encoder: Path, data: Path, settings: dict[str, Any], languages: tuple[str, ...],
+                  member: tuple[int, int] = (0, 1)) -> tuple[Any, Any, dict[str, Any]]:
     import torch
     from transformers import AutoTokenizer, BertForSequenceClassification
 
@@ -267,7 +301,7 @@ def finetune(encoder: Path, data: Path, out: Path, settings: dict[str, Any],
             value = float(loss.detach())
             running = 0.98 * running + 0.02 * value if step > 1 else value
             if step % 25 == 0 or step == total:
-                _progress(step, total, started, running)
+                _progress(step, total, started, running, member)
                 if step >= avg_from:
                     n_avg += 1
                     with torch.no_grad():
@@ -278,14 +312,8 @@ def finetune(encoder: Path, data: Path, out: Path, settings: dict[str, Any],
                                     prev + (value.detach() - prev) / n_avg
     if averaged:
         model.load_state_dict(averaged, strict=False)
-    model.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.model_max_length = 512
-    tok.save_pretrained(out)
-    return {"examples": len(ids), "steps": total, "train_seconds": round(time.perf_counter() - started, 1),
-            "precision": "bf16" if bf16 else "fp32", "trainable_parameters": sum(p.numel() for p in params),
-            "averaged_snapshots": n_avg}
+    return model, tok, {"examples": len(ids), "steps": total, "precision": "bf16" if bf16 else "fp32",
+                        "trainable_parameters": sum(p.numel() for p in params), "averaged_snapshots": n_avg}
 
 
 def validate(model_dir: Path, data: Path, languages: tuple[str, ...] = LANGUAGES) -> dict[str, Any]:
