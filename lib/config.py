@@ -76,7 +76,7 @@ class SparkSettings(_Section):
     app_name: str = "migralake"
     shuffle_partitions: int = Field(8, ge=1, le=100_000)
     delta_snapshot_partitions: int = Field(4, ge=1, le=10_000)
-    concurrent_jobs: int = Field(4, ge=1, le=64)  # independent small writes (gold tables) run side by side
+    concurrent_jobs: int = Field(6, ge=1, le=64)  # independent small writes (gold tables) run side by side
     driver_memory: str = Field("4g", pattern=r"^\d+[kmgtKMGT]?$")
     log_level: Literal["ERROR", "WARN", "INFO", "DEBUG"] = "ERROR"
     show_progress: bool = True

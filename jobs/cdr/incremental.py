@@ -321,7 +321,7 @@ def gold_incremental(lake: Lakehouse, cfg: Config, days: list[date], start: date
                 continue
             writes.append(Write(f"cdr.{name.split('.', 1)[1]} -> gold", work))
     # Partition-sized writes: their time is mostly Delta's commit protocol on the driver, so all of them at once.
-    side_by_side(writes, max(cfg.spark.concurrent_jobs, len(writes)))
+    side_by_side(writes, cfg.spark.concurrent_jobs)
     if affected is None:
         return
 

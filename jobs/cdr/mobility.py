@@ -447,19 +447,22 @@ def home_windows(cdr: CdrSettings, start: date, end: date) -> list[tuple[str, da
 
 def write_silver(lake: Lakehouse, cdr: CdrSettings, kept: DataFrame, start: date, end: date,
                  windows: list[tuple[str, date, date]]) -> int:
-    """silver.cdr_daily_locations and silver.cdr_home_locations; returns the daily locations written."""
+    """silver.cdr_daily_locations and silver.cdr_home_locations, side by side (independent: both read the kept
+    subscriber days, so one table's commit and small final tasks overlap the other's scan); returns the daily
+    locations written."""
     scope = {"spatial_unit": cdr.spatial_unit}
-    with stage("cdr.daily_locations -> silver") as st:
-        daily = daily_from_stats(kept, cdr.daily_location_rule, cdr.spatial_unit, "day")
-        st.rows_out = n_daily = lake.write(daily, "silver.cdr_daily_locations", period=(start, end),
-                                           scope=scope).rows_written
-    with stage("cdr.home_locations -> silver") as st:
-        night = daily_from_stats(kept, cdr.daily_location_rule, cdr.spatial_unit, "night")
-        homes = home_locations(night, windows, cdr.home_min_days)
-        st.rows_out = lake.write(homes, "silver.cdr_home_locations", period=(windows[0][1], windows[-1][1]),
-                                 scope=scope).rows_written
-        st.notes["windows"] = ", ".join(f"{w}={ws}..{we}" for w, ws, we in windows)
-    return n_daily
+    daily = daily_from_stats(kept, cdr.daily_location_rule, cdr.spatial_unit, "day")
+    night = daily_from_stats(kept, cdr.daily_location_rule, cdr.spatial_unit, "night")
+    homes = home_locations(night, windows, cdr.home_min_days)
+    log.info("cdr.home_locations: windows %s", ", ".join(f"{w}={ws}..{we}" for w, ws, we in windows))
+    written = side_by_side([
+        Write("cdr.daily_locations -> silver",
+              lambda: lake.write(daily, "silver.cdr_daily_locations", period=(start, end), scope=scope).rows_written),
+        Write("cdr.home_locations -> silver",
+              lambda: lake.write(homes, "silver.cdr_home_locations", period=(windows[0][1], windows[-1][1]),
+                                 scope=scope).rows_written),
+    ], 2)
+    return int(written["cdr.daily_locations -> silver"] or 0)
 
 
 def gold_writes(lake: Lakehouse, cdr: CdrSettings, daily: DataFrame, homes: DataFrame, start: date, end: date,
@@ -532,7 +535,8 @@ def run(spark: SparkSession, cfg: Config, args: argparse.Namespace | None = None
     daily = read_slice(lake, "silver.cdr_daily_locations", cdr, start, end).persist(StorageLevel.MEMORY_AND_DISK)
     homes = read_slice(lake, "silver.cdr_home_locations", cdr, windows[0][1], windows[-1][1])
     try:  # small, independent tables: their Spark jobs and Delta commits run side by side
-        side_by_side(gold_writes(lake, cdr, daily, homes, start, end, windows, n_daily), cfg.spark.concurrent_jobs)
+        writes = gold_writes(lake, cdr, daily, homes, start, end, windows, n_daily)
+        side_by_side(writes, cfg.spark.concurrent_jobs)
     finally:
         daily.unpersist()
     record_run(lake, cdr, start, end, bronze_v, cells_v, "full")
