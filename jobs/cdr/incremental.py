@@ -320,7 +320,8 @@ def gold_incremental(lake: Lakehouse, cfg: Config, days: list[date], start: date
             else:
                 continue
             writes.append(Write(f"cdr.{name.split('.', 1)[1]} -> gold", work))
-    # Partition-sized writes: their time is mostly Delta's commit protocol on the driver, so all of them at once.
+    # Partition-sized writes: their time is mostly Delta's commit protocol on the driver, so all of them at once
+    # (spark.concurrent_jobs: 6 by default, one per gold table).
     side_by_side(writes, cfg.spark.concurrent_jobs)
     if affected is None:
         return
