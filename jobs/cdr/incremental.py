@@ -270,8 +270,8 @@ def gold_incremental(lake: Lakehouse, cfg: Config, days: list[date], start: date
                      homes: DataFrame, old_homes: DataFrame, affected: DataFrame | None) -> None:
     od_days = sorted({d for c in days for d in (c - timedelta(days=1), c) if start <= d <= end})
     weeks = sorted({d - timedelta(days=d.weekday()) for d in od_days})
-    # the days of those weeks and of the weeks after them (a week's last transition ends in the next week)
-    week_days = sorted({w + timedelta(days=i) for w in weeks for i in range(14)})
+    # the days of those weeks and the day after each (a week's last transition ends on the next week's first day)
+    week_days = sorted({w + timedelta(days=i) for w in weeks for i in range(8)})
     next_days = sorted(set(od_days) | {d + timedelta(days=1) for d in od_days})
     cdr = cfg.cdr
     unit = cdr.spatial_unit
