@@ -25,7 +25,7 @@ from jobs.cdr.cells import join_valid_cells, require_period
 from lib import geo
 from lib.config import CdrInput, CdrSettings, Config, ConfigError
 from lib.privacy.pseudonym import load_key, with_pseudonyms
-from lib.runtime import Write, log, side_by_side, stage
+from lib.runtime import log, stage
 from lib.spark import from_pandas
 from lib.tables import Lakehouse, spec
 
@@ -349,17 +349,11 @@ def write_events(lake: Lakehouse, tagged: DataFrame, start: date, end: date) -> 
         by_reason = {r["reason"]: int(r["count"]) for r in tagged.groupBy("reason").count().collect()}
         st.rows_in = rows_in = sum(by_reason.values())
         by_reason.pop(None, None)
-        # Two independent tables, written side by side (one's Delta commit overlaps the other's tasks). Quarantine
-        # rows are filed under the run's first day; the whole period is replaced, so a full re-run also replaces
+        accepted = lake.write(accepted_events(tagged), "bronze.cdr_events", period=(start, end)).rows_written
+        # Rows are filed under the run's first day; the whole period is replaced, so a full re-run also replaces
         # the quarantine rows that daily runs filed under the days it covers.
-        written = side_by_side([
-            Write("cdr.ingest -> bronze.cdr_events (accepted)", lambda: lake.write(
-                accepted_events(tagged), "bronze.cdr_events", period=(start, end)).rows_written),
-            Write("cdr.ingest -> quarantine.cdr_events", lambda: lake.write(
-                quarantined_events(tagged, start), "quarantine.cdr_events", period=(start, end)).rows_written),
-        ], 2)
-        accepted = int(written["cdr.ingest -> bronze.cdr_events (accepted)"] or 0)
-        quarantined = int(written["cdr.ingest -> quarantine.cdr_events"] or 0)
+        quarantined = lake.write(quarantined_events(tagged, start), "quarantine.cdr_events",
+                                 period=(start, end)).rows_written
         st.rows_out, st.notes["quarantined"] = accepted, quarantined
     if accepted + quarantined != rows_in:
         raise RuntimeError(f"row conservation failed: {rows_in} rows in, {accepted} accepted + {quarantined} "
