@@ -210,8 +210,6 @@ def finetune(encoder: Path, data: Path, out: Path, settings: dict[str, Any],
     initialisation and batch order) and save the uniform average of their weights (a "model soup": members
     fine-tuned from the same pre-trained weights lie in one basin, so their average scores like an ensemble
     at the cost of one model)."""
-    import torch
-
     members = max(1, int(settings.get("members", 1)))
     souped: dict[str, Any] = {}
     info: dict[str, Any] = {}
@@ -220,11 +218,7 @@ def finetune(encoder: Path, data: Path, out: Path, settings: dict[str, Any],
         model, tok, info = _finetune_one(encoder, data, {**settings, "seed": settings["seed"] + m}, languages,
                                          (m, members))
         if members > 1:
-            with torch.no_grad():
-                for name, value in model.state_dict().items():
-                    if value.is_floating_point():
-                        prev = souped.get(name)
-                        souped[name] = value.detach().clone() if prev is None else prev + (value - prev) / (m + 1)
+            _add_to_mean(souped, model, m + 1)
     if souped:
         model.load_state_dict(souped, strict=False)
     model.eval()
@@ -233,6 +227,18 @@ def finetune(encoder: Path, data: Path, out: Path, settings: dict[str, Any],
     tok.model_max_length = 512
     tok.save_pretrained(out)
     return {**info, "members": members, "train_seconds": round(time.perf_counter() - started, 1)}
+
+
+def _add_to_mean(mean: dict[str, Any], model: Any, n: int) -> None:
+    """Fold ``model``'s floating-point weights into ``mean``, the running mean of the ``n - 1`` weight sets
+    folded in before (weight averaging within a run and across members)."""
+    import torch
+
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if value.is_floating_point():
+                prev = mean.get(name)
+                mean[name] = value.detach().clone() if prev is None else prev + (value.detach() - prev) / n
 
 
 def _finetune_one(encoder: Path, data: Path, settings: dict[str, Any], languages: tuple[str, ...],
@@ -304,12 +310,7 @@ def _finetune_one(encoder: Path, data: Path, settings: dict[str, Any], languages
                 _progress(step, total, started, running, member)
                 if step >= avg_from:
                     n_avg += 1
-                    with torch.no_grad():
-                        for name, value in model.state_dict().items():
-                            if value.is_floating_point():
-                                prev = averaged.get(name)
-                                averaged[name] = value.detach().clone() if prev is None else \
-                                    prev + (value.detach() - prev) / n_avg
+                    _add_to_mean(averaged, model, n_avg)
     if averaged:
         model.load_state_dict(averaged, strict=False)
     return model, tok, {"examples": len(ids), "steps": total, "precision": "bf16" if bf16 else "fp32",
