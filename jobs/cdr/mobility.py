@@ -535,8 +535,7 @@ def run(spark: SparkSession, cfg: Config, args: argparse.Namespace | None = None
     daily = read_slice(lake, "silver.cdr_daily_locations", cdr, start, end).persist(StorageLevel.MEMORY_AND_DISK)
     homes = read_slice(lake, "silver.cdr_home_locations", cdr, windows[0][1], windows[-1][1])
     try:  # small, independent tables: their Spark jobs and Delta commits run side by side
-        writes = gold_writes(lake, cdr, daily, homes, start, end, windows, n_daily)
-        side_by_side(writes, cfg.spark.concurrent_jobs)
+        side_by_side(gold_writes(lake, cdr, daily, homes, start, end, windows, n_daily), cfg.spark.concurrent_jobs)
     finally:
         daily.unpersist()
     record_run(lake, cdr, start, end, bronze_v, cells_v, "full")
