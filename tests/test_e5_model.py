@@ -214,3 +214,118 @@ def test_members_are_averaged_into_one_model(tmp_path):  # type: ignore[no-untyp
     # The frozen word embeddings are the encoder's in every member, so in the average too.
     np.testing.assert_array_equal(soup["bert.embeddings.word_embeddings.weight"],
                                   a["bert.embeddings.word_embeddings.weight"])
+
+
+def test_fast_dropout_drops_at_the_rate_asked_in_every_lane() -> None:
+    """Each 64-bit random word serves four elements: every one of the four lanes must be dropped at rate p
+    (a word drawn from a non-negative range would never drop its top lane), kept elements are scaled so the
+    expectation is unchanged, and the gradient is the same mask."""
+    import torch
+
+    torch.manual_seed(3)
+    x = torch.ones(1 << 20, requires_grad=True)
+    y = train_e5.fast_dropout(x, 0.1)
+    dropped = (y == 0).reshape(-1, 4).float().mean(dim=0)
+    assert torch.allclose(dropped, torch.full((4,), 0.1), atol=0.004), dropped  # sd 0.0006 per lane
+    kept = y[y != 0]
+    assert torch.all(kept == 65536 / (65536 - round(0.1 * 65536)))
+    assert abs(float(y.mean()) - 1.0) < 0.003
+    y.sum().backward()
+    assert x.grad is not None and torch.equal(x.grad, y.detach())
+    assert not torch.equal(train_e5.fast_dropout(torch.ones(64), 0.5), train_e5.fast_dropout(torch.ones(64), 0.5))
+
+
+def test_the_training_attention_equals_sdpa_and_the_saved_model_is_standard(tmp_path):  # type: ignore[no-untyped-def]
+    """With dropout too small to drop anything, the training forward pass (the attention written out with
+    :func:`fast_dropout`, padded batches included) equals the evaluation pass through torch's SDPA; the
+    model saved after training loads as a plain transformers model."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    write_e5s1(tmp_path / "tiny.bin", seed=4)
+    e5_import.write_transformers(e5_import.read(tmp_path / "tiny.bin"), tmp_path / "hf")
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "hf", num_labels=3)
+    ids = torch.tensor([[0, 5, 6, 7, 9, 2], [0, 12, 2, 1, 1, 1]])
+    mask = (ids != 1).long()
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 1e-9  # rounds to no 1/65536 step: nothing dropped, scale 1
+    model.config.attention_probs_dropout_prob = 1e-9
+    for layer in model.bert.encoder.layer:
+        layer.attention.self.dropout.p = 1e-9
+    train_e5.use_fast_dropout(model)
+    model.train()
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+    assert model.config._attn_implementation != "sdpa"  # the written-out attention ran
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    train_e5.restore_attention(model)
+    model.save_pretrained(tmp_path / "saved")
+    assert "migralake" not in (tmp_path / "saved" / "config.json").read_text()
+    again = BertForSequenceClassification.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).logits, expected)
+
+
+def test_frozen_layers_keep_their_weights(tmp_path):  # type: ignore[no-untyped-def]
+    """``freeze_layers: 1`` on a one-layer encoder: the embeddings and the layer leave training unchanged,
+    while without it they are trained."""
+    from safetensors.numpy import load_file
+
+    write_e5s1(tmp_path / "tiny.bin", seed=5)
+    e5_import.write_transformers(e5_import.read(tmp_path / "tiny.bin"), tmp_path / "hf")
+    data = tmp_path / "umsab" / "english"
+    data.mkdir(parents=True)
+    texts = ["migrants ab", "ab c", "é migrants", "c ab ab", "migrants", "ab", "c c", "é ab c"] * 3
+    (data / "train_text.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    (data / "train_labels.txt").write_text("\n".join(str(i % 3) for i in range(len(texts))) + "\n")
+    settings = {**train_e5.SETTINGS, "epochs": 1.0, "batch": 8, "lr": 1e-3, "warmup": 0.0}
+    out = {}
+    for frozen in (0, 1):
+        train_e5.finetune(tmp_path / "hf", tmp_path / "umsab", tmp_path / f"f{frozen}",
+                          {**settings, "freeze_layers": frozen}, languages=("english",))
+        out[frozen] = load_file(str(tmp_path / f"f{frozen}" / "model.safetensors"))
+    encoder = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    below = [k for k in out[1] if k.startswith(("bert.embeddings.", "bert.encoder.layer.0."))]
+    assert len(below) > 10
+    for k in below:
+        np.testing.assert_array_equal(out[1][k], encoder[k.removeprefix("bert.")], err_msg=k)
+        if "word_embeddings" not in k:
+            assert not np.array_equal(out[0][k], out[1][k]), k  # trained when not frozen
+
+
+def test_members_branched_after_a_shared_epoch(tmp_path):  # type: ignore[no-untyped-def]
+    """``branch_at: 1``: the second member continues the first member's run from the end of its first epoch
+    (weights, optimiser moments, schedule), with its own seed, and the saved model is the average of the two."""
+    from safetensors.numpy import load_file
+
+    write_e5s1(tmp_path / "tiny.bin", seed=6)
+    e5_import.write_transformers(e5_import.read(tmp_path / "tiny.bin"), tmp_path / "hf")
+    data = tmp_path / "umsab" / "english"
+    data.mkdir(parents=True)
+    texts = ["migrants ab", "ab c", "é migrants", "c ab ab", "migrants", "ab", "c c", "é ab c"] * 3
+    (data / "train_text.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    (data / "train_labels.txt").write_text("\n".join(str(i % 3) for i in range(len(texts))) + "\n")
+    settings = {**train_e5.SETTINGS, "epochs": 2.0, "batch": 8, "lr": 1e-3, "warmup": 0.0, "seed": 7}
+    hf, umsab, langs = tmp_path / "hf", tmp_path / "umsab", ("english",)
+
+    first, _, _, trunk = train_e5._finetune_one(hf, umsab, settings, langs, snapshot_epoch=1)
+    assert trunk is not None and trunk["step"] == 3  # 24 tweets in batches of 8: an epoch is 3 steps
+    second, _, _, _ = train_e5._finetune_one(hf, umsab, {**settings, "seed": 8}, langs, start=trunk)
+    scratch, _, _, _ = train_e5._finetune_one(hf, umsab, {**settings, "seed": 8}, langs)
+    train_e5.finetune(hf, umsab, tmp_path / "soup", {**settings, "members": 2, "branch_at": 1}, languages=langs)
+    soup = load_file(str(tmp_path / "soup" / "model.safetensors"))
+    a, b, c = ({k: v.detach().numpy() for k, v in m.state_dict().items()} for m in (first, second, scratch))
+    for k in soup:
+        np.testing.assert_allclose(soup[k], (a[k] + b[k]) / 2, rtol=1e-5, atol=1e-6, err_msg=k)
+    # The branch is not a fresh run with its seed (it started from the shared epoch), and not the first member.
+    assert not np.allclose(b["classifier.weight"], c["classifier.weight"])
+    assert not np.allclose(b["classifier.weight"], a["classifier.weight"])
+    # Its head started from the trunk's: closer to the first member's than a fresh run's is.
+    assert np.abs(b["classifier.weight"] - a["classifier.weight"]).sum() < \
+        np.abs(c["classifier.weight"] - a["classifier.weight"]).sum()
+    with pytest.raises(ValueError, match="branch_at"):
+        train_e5.finetune(hf, umsab, tmp_path / "bad", {**settings, "members": 2, "branch_at": 2}, languages=langs)
