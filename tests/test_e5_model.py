@@ -185,18 +185,23 @@ def test_the_real_model_gets_obvious_posts_right_in_four_languages() -> None:
     assert list(s.label) == ["positive"] * 4 + ["negative"] * 4
 
 
-def test_members_are_averaged_into_one_model(tmp_path):  # type: ignore[no-untyped-def]
-    """``members: 2`` saves the uniform average of the two members' weights (seeds s and s + 1), each member
-    being what a one-member run with its seed saves: checked on a tiny encoder and a tiny training split."""
-    from safetensors.numpy import load_file
-
-    write_e5s1(tmp_path / "tiny.bin", seed=2)
+def tiny_training(tmp_path: Path, seed: int) -> None:
+    """A tiny encoder in ``tmp_path/hf`` and a 24-tweet English training split in ``tmp_path/umsab``."""
+    write_e5s1(tmp_path / "tiny.bin", seed=seed)
     e5_import.write_transformers(e5_import.read(tmp_path / "tiny.bin"), tmp_path / "hf")
     data = tmp_path / "umsab" / "english"
     data.mkdir(parents=True)
     texts = ["migrants ab", "ab c", "é migrants", "c ab ab", "migrants", "ab", "c c", "é ab c"] * 3
     (data / "train_text.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
     (data / "train_labels.txt").write_text("\n".join(str(i % 3) for i in range(len(texts))) + "\n")
+
+
+def test_members_are_averaged_into_one_model(tmp_path):  # type: ignore[no-untyped-def]
+    """``members: 2`` saves the uniform average of the two members' weights (seeds s and s + 1), each member
+    being what a one-member run with its seed saves: checked on a tiny encoder and a tiny training split."""
+    from safetensors.numpy import load_file
+
+    tiny_training(tmp_path, seed=2)
     settings = {**train_e5.SETTINGS, "epochs": 1.0, "batch": 8, "lr": 1e-3, "warmup": 0.0}
 
     def trained(name: str, **changes: object) -> dict[str, np.ndarray]:
@@ -275,13 +280,7 @@ def test_frozen_layers_keep_their_weights(tmp_path):  # type: ignore[no-untyped-
     while without it they are trained."""
     from safetensors.numpy import load_file
 
-    write_e5s1(tmp_path / "tiny.bin", seed=5)
-    e5_import.write_transformers(e5_import.read(tmp_path / "tiny.bin"), tmp_path / "hf")
-    data = tmp_path / "umsab" / "english"
-    data.mkdir(parents=True)
-    texts = ["migrants ab", "ab c", "é migrants", "c ab ab", "migrants", "ab", "c c", "é ab c"] * 3
-    (data / "train_text.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
-    (data / "train_labels.txt").write_text("\n".join(str(i % 3) for i in range(len(texts))) + "\n")
+    tiny_training(tmp_path, seed=5)
     settings = {**train_e5.SETTINGS, "epochs": 1.0, "batch": 8, "lr": 1e-3, "warmup": 0.0}
     out = {}
     for frozen in (0, 1):
@@ -302,13 +301,7 @@ def test_members_branched_after_a_shared_epoch(tmp_path):  # type: ignore[no-unt
     (weights, optimiser moments, schedule), with its own seed, and the saved model is the average of the two."""
     from safetensors.numpy import load_file
 
-    write_e5s1(tmp_path / "tiny.bin", seed=6)
-    e5_import.write_transformers(e5_import.read(tmp_path / "tiny.bin"), tmp_path / "hf")
-    data = tmp_path / "umsab" / "english"
-    data.mkdir(parents=True)
-    texts = ["migrants ab", "ab c", "é migrants", "c ab ab", "migrants", "ab", "c c", "é ab c"] * 3
-    (data / "train_text.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
-    (data / "train_labels.txt").write_text("\n".join(str(i % 3) for i in range(len(texts))) + "\n")
+    tiny_training(tmp_path, seed=6)
     settings = {**train_e5.SETTINGS, "epochs": 2.0, "batch": 8, "lr": 1e-3, "warmup": 0.0, "seed": 7}
     hf, umsab, langs = tmp_path / "hf", tmp_path / "umsab", ("english",)
 
