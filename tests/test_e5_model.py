@@ -294,6 +294,9 @@ def test_frozen_layers_keep_their_weights(tmp_path):  # type: ignore[no-untyped-
         np.testing.assert_array_equal(out[1][k], encoder[k.removeprefix("bert.")], err_msg=k)
         if "word_embeddings" not in k:
             assert not np.array_equal(out[0][k], out[1][k]), k  # trained when not frozen
+    with pytest.raises(ValueError, match="freeze_layers 2: the encoder has 1 layers"):
+        train_e5.finetune(tmp_path / "hf", tmp_path / "umsab", tmp_path / "f2", {**settings, "freeze_layers": 2},
+                          languages=("english",))
 
 
 def test_members_branched_after_a_shared_epoch(tmp_path):  # type: ignore[no-untyped-def]

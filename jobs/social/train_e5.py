@@ -343,6 +343,9 @@ def _finetune_one(encoder: Path, data: Path, settings: dict[str, Any], languages
         encoder, num_labels=3, id2label=dict(enumerate(LABELS)), label2id={v: i for i, v in enumerate(LABELS)})
     if settings["freeze_word_embeddings"]:
         model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    if settings.get("freeze_layers", 0) > model.config.num_hidden_layers:
+        raise ValueError(f"freeze_layers {settings['freeze_layers']}: the encoder has "
+                         f"{model.config.num_hidden_layers} layers")
     if settings.get("freeze_layers"):
         # The embeddings and the lowest ``freeze_layers`` layers keep their pre-trained weights: no backward
         # pass below the first trained layer.
@@ -533,6 +536,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train_e5: {data}: UMSAB data folder not found", file=sys.stderr)
         return 2
     settings = {**SETTINGS, **{k: getattr(args, k) for k in SETTINGS}}
+    if settings["branch_at"] and not 0 < settings["branch_at"] < settings["epochs"]:
+        p.error(f"--branch-at {settings['branch_at']}: a whole number of epochs below --epochs ({settings['epochs']})")
+    if settings["freeze_layers"] < 0:
+        p.error(f"--freeze-layers {settings['freeze_layers']}: a number of layers, 0 or more")
     try:
         if args.ensure:
             target, built = ensure(data, settings=settings)
