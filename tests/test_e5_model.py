@@ -297,6 +297,9 @@ def test_frozen_layers_keep_their_weights(tmp_path):  # type: ignore[no-untyped-
     with pytest.raises(ValueError, match="freeze_layers 2: the encoder has 1 layers"):
         train_e5.finetune(tmp_path / "hf", tmp_path / "umsab", tmp_path / "f2", {**settings, "freeze_layers": 2},
                           languages=("english",))
+    with pytest.raises(ValueError, match="freeze_layers -1: a number of layers"):
+        train_e5.finetune(tmp_path / "hf", tmp_path / "umsab", tmp_path / "fn", {**settings, "freeze_layers": -1},
+                          languages=("english",))
 
 
 def test_members_branched_after_a_shared_epoch(tmp_path):  # type: ignore[no-untyped-def]

@@ -269,6 +269,16 @@ def add_query_prefix(tok: Any) -> None:
         special_tokens=[(bos, tok.bos_token_id), (eos, tok.eos_token_id), prefix])
 
 
+def check_settings(settings: dict[str, Any]) -> None:
+    """A ValueError naming the setting and its value when the settings cannot describe a run (the command
+    line reports it as a usage error)."""
+    branch = settings.get("branch_at", 0)
+    if branch and not 0 < branch < settings["epochs"]:
+        raise ValueError(f"branch_at {branch}: a whole number of epochs below epochs ({settings['epochs']})")
+    if settings.get("freeze_layers", 0) < 0:
+        raise ValueError(f"freeze_layers {settings['freeze_layers']}: a number of layers, 0 or more")
+
+
 def finetune(encoder: Path, data: Path, out: Path, settings: dict[str, Any],
              languages: tuple[str, ...] = LANGUAGES) -> dict[str, Any]:
     """Fine-tune ``members`` copies of the encoder (seeds ``seed``, ``seed + 1``, ...: different head
@@ -277,10 +287,9 @@ def finetune(encoder: Path, data: Path, out: Path, settings: dict[str, Any],
     ensemble at the cost of one model). With ``branch_at`` = k, the members share the first k epochs (the
     first member's weights, optimiser and schedule at that point) and each trains only the remaining epochs
     with its own seed: k epochs less of training per member after the first."""
+    check_settings(settings)
     members = max(1, int(settings.get("members", 1)))
     branch = int(settings.get("branch_at", 0))
-    if branch and not 0 < branch < settings["epochs"]:
-        raise ValueError(f"branch_at {branch} must be a whole number of epochs below epochs ({settings['epochs']})")
     souped: dict[str, Any] = {}
     info: dict[str, Any] = {}
     trunk: dict[str, Any] | None = None
@@ -536,10 +545,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train_e5: {data}: UMSAB data folder not found", file=sys.stderr)
         return 2
     settings = {**SETTINGS, **{k: getattr(args, k) for k in SETTINGS}}
-    if settings["branch_at"] and not 0 < settings["branch_at"] < settings["epochs"]:
-        p.error(f"--branch-at {settings['branch_at']}: a whole number of epochs below --epochs ({settings['epochs']})")
-    if settings["freeze_layers"] < 0:
-        p.error(f"--freeze-layers {settings['freeze_layers']}: a number of layers, 0 or more")
+    try:
+        check_settings(settings)
+    except ValueError as exc:
+        p.error(str(exc))
     try:
         if args.ensure:
             target, built = ensure(data, settings=settings)
