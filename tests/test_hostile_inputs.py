@@ -150,3 +150,38 @@ def test_hostile_social_files_are_read_or_quarantined_and_a_wholly_unusable_file
     assert summary["rows_in"] == summary["accepted"] + len(q) and summary["accepted"] == len(bronze) == 9
     assert code == 5 and [Path(f).name for f in summary["unusable_files"]] == ["broken.jsonl.gz", "garbage.jsonl"]
     assert "x" * 1000 not in "".join(q["detail"].dropna())  # the quarantine never keeps the line
+
+
+def test_a_quarantined_row_does_not_make_its_valid_twin_a_duplicate(
+        spark: SparkSession, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An outgoing of "maybe" (quarantined) and an empty one (valid) both read as null: the rows are equal in every
+    deduplicated column. The valid row is kept even though the quarantined one's file comes first; a true copy of
+    it is still a duplicate."""
+    monkeypatch.setenv("MIGRALAKE_PSEUDONYM_KEY", KEY)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.csv").write_text(HEADER + f"\n{DAY} 10:00:00,255700000020,,C0002,maybe,30,bad\n"
+                                           f"{DAY} 11:00:00,,,C0002,1,30,no subscriber\n")
+    (folder / "b.csv").write_text(HEADER + f"\n{DAY} 10:00:00,255700000020,,C0002,,30,good\n"
+                                           f"{DAY} 10:00:00,255700000020,,C0002,,30,copy\n"
+                                           f"{DAY} 11:00:00,,,C0002,1,30,no subscriber\n")
+    with (tmp_path / "cells.csv").open("w", newline="") as fh:
+        cells = cdr_synth.cells(1, date(2024, 3, 4))
+        writer = csv.DictWriter(fh, fieldnames=list(cells[0]))
+        writer.writeheader()
+        writer.writerows(cells)
+    (tmp_path / "admin2.geojson").write_text(json.dumps(cdr_synth.admin_geojson("admin2")))
+    cfg = load_config("demo", overrides=[f"lakehouse.root={tmp_path / 'lake'}", "period.start=2024-03-04",
+                                         "period.end=2024-03-10"])
+    cfg = cfg.model_copy(update={"cdr": cfg.cdr.model_copy(update={
+        "inputs": [CdrInput(path=str(folder), event_type="call")],
+        "cells_path": str(tmp_path / "cells.csv"),
+        "admin_paths": {"admin2": str(tmp_path / "admin2.geojson")}})})
+    cdr_ingest.run(spark, cfg)
+    lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
+    bronze = lake.read("bronze.cdr_events").toPandas()
+    q = lake.read("quarantine.cdr_events").toPandas()
+    assert len(bronze) == 1 and bronze["source_file"].str.endswith("b.csv").all()
+    assert bronze["outgoing"].isna().all()
+    assert sorted(zip(q["reason"], q["source_file"].str[-5:], strict=True)) == [
+        ("bad_outgoing", "a.csv"), ("duplicate", "b.csv"), ("null_subscriber", "a.csv"), ("null_subscriber", "b.csv")]

@@ -213,12 +213,24 @@ def classify_events(
     tagged = (joined.withColumn("reason", reason)
               .withColumn("cell_id", F.when(F.col("reason").isNull() | F.col("_known").isNotNull(), F.col("cell_id")))
               .drop("_cell", "_known", "_bad_out", "_bad_duration", "_malformed"))
-    # Exact duplicates among otherwise valid rows: the first copy is kept.
-    dup_key = ["_msisdn", "event_time", "cell_id", "event_type", "_counterpart", "outgoing", "duration_s"]
-    w = Window.partitionBy(*dup_key).orderBy("source_file")
-    tagged = tagged.withColumn(
+    # Exact duplicates among otherwise valid rows: the first copy (by file) is kept. Only valid rows are counted:
+    # a quarantined row with the same values (an outgoing of "maybe" reads as null, like an empty one) does not
+    # make a valid row its duplicate.
+    # Rows are shuffled by subscriber (valid rows; the others by a hash of their values, so a column of empty
+    # MSISDNs does not land in one task), and the window sorts each task by date and subscriber first: every
+    # subscriber's rows of a day are then in one task and together, through the partitioned bronze write (its
+    # sort by date is stable) too, where Parquet's dictionaries compress the 64-character pseudonyms and the
+    # subscriber-day aggregation finds each subscriber's day in one file. ``_part`` is a function of ``_valid`` and
+    # the key, so it does not change which rows are copies of each other.
+    dup_key = ["event_date", "_msisdn", "event_time", "cell_id", "event_type", "_counterpart", "outgoing",
+               "duration_s"]
+    tagged = tagged.withColumn("_valid", F.col("reason").isNull())
+    tagged = tagged.withColumn("_part", F.when(F.col("_valid"), F.col("_msisdn")).otherwise(
+        F.xxhash64(*dup_key).cast("string")))
+    w = Window.partitionBy(*dup_key, "_valid", "_part").orderBy("source_file")
+    tagged = tagged.repartition("_part").withColumn(
         "reason",
-        F.when(F.col("reason").isNull() & (F.row_number().over(w) > 1), F.lit("duplicate")).otherwise(F.col("reason")),
+        F.when(F.col("_valid") & (F.row_number().over(w) > 1), F.lit("duplicate")).otherwise(F.col("reason")),
     )
     tagged = with_pseudonyms(
         tagged, {"subscriber_id": F.when(F.col("_msisdn") != "", F.col("_msisdn")), "counterpart_id": "_counterpart"},
