@@ -220,8 +220,8 @@ def classify_events(
     # MSISDNs does not land in one task), and the window sorts each task by date and subscriber first: every
     # subscriber's rows of a day are then in one task and together, through the partitioned bronze write (its
     # sort by date is stable) too, where Parquet's dictionaries compress the 64-character pseudonyms and the
-    # subscriber-day aggregation finds each subscriber's day in one file. ``_part`` is a function of ``_valid`` and
-    # the key, so it does not change which rows are copies of each other.
+    # subscriber-day aggregation finds each subscriber's day in one file (unless a read split cuts through it).
+    # ``_part`` is a function of ``_valid`` and the key, so it does not change which rows are copies of each other.
     dup_key = ["event_date", "_msisdn", "event_time", "cell_id", "event_type", "_counterpart", "outgoing",
                "duration_s"]
     tagged = tagged.withColumn("_valid", F.col("reason").isNull())
