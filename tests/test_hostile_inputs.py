@@ -15,7 +15,7 @@ from pyspark.sql import SparkSession
 from jobs.cdr import ingest as cdr_ingest
 from jobs.demo import cdr_synth
 from jobs.social import ingest as social_ingest
-from lib.config import CdrInput, SocialInput, load_config
+from lib.config import CdrInput, Config, SocialInput, load_config
 from lib.tables import Lakehouse
 
 KEY = "hostile-key-0123456789abcdef0123"
@@ -60,10 +60,9 @@ def scan(root: Path, needles: set[str]) -> list[str]:
     return hits
 
 
-def test_hostile_cdr_rows_are_quarantined_by_reason_and_raw_ids_never_stored(
-        spark: SparkSession, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("MIGRALAKE_PSEUDONYM_KEY", KEY)
-    expected, raw = cdr_files(tmp_path / "in")
+def cdr_config(tmp_path: Path, inputs: list[CdrInput]) -> Config:
+    """The demo config for ``inputs`` over 2024-03-04..10, with one real cells file and admin2 boundaries written
+    under ``tmp_path`` and the lakehouse in ``tmp_path / "lake"``."""
     with (tmp_path / "cells.csv").open("w", newline="") as fh:
         cells = cdr_synth.cells(1, date(2024, 3, 4))
         writer = csv.DictWriter(fh, fieldnames=list(cells[0]))
@@ -72,11 +71,18 @@ def test_hostile_cdr_rows_are_quarantined_by_reason_and_raw_ids_never_stored(
     (tmp_path / "admin2.geojson").write_text(json.dumps(cdr_synth.admin_geojson("admin2")))
     cfg = load_config("demo", overrides=[f"lakehouse.root={tmp_path / 'lake'}", "period.start=2024-03-04",
                                          "period.end=2024-03-10"])
-    cfg = cfg.model_copy(update={"cdr": cfg.cdr.model_copy(update={
-        "inputs": [CdrInput(path=str(tmp_path / "in" / "hostile.csv"), event_type="call"),
-                   CdrInput(path=str(tmp_path / "in" / "liar"), event_type="sms")],
+    return cfg.model_copy(update={"cdr": cfg.cdr.model_copy(update={
+        "inputs": inputs,
         "cells_path": str(tmp_path / "cells.csv"),
         "admin_paths": {"admin2": str(tmp_path / "admin2.geojson")}})})
+
+
+def test_hostile_cdr_rows_are_quarantined_by_reason_and_raw_ids_never_stored(
+        spark: SparkSession, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("MIGRALAKE_PSEUDONYM_KEY", KEY)
+    expected, raw = cdr_files(tmp_path / "in")
+    cfg = cdr_config(tmp_path, [CdrInput(path=str(tmp_path / "in" / "hostile.csv"), event_type="call"),
+                                CdrInput(path=str(tmp_path / "in" / "liar"), event_type="sms")])
     stale = tmp_path / "lake" / "_staging" / "cdr_ingest-0123abcd"  # left by an ingest that was killed
     stale.mkdir(parents=True)
     (stale / "part-00000.parquet").write_bytes(b"x" * 1000)
@@ -165,18 +171,7 @@ def test_a_quarantined_row_does_not_make_its_valid_twin_a_duplicate(
     (folder / "b.csv").write_text(HEADER + f"\n{DAY} 10:00:00,255700000020,,C0002,,30,good\n"
                                            f"{DAY} 10:00:00,255700000020,,C0002,,30,copy\n"
                                            f"{DAY} 11:00:00,,,C0002,1,30,no subscriber\n")
-    with (tmp_path / "cells.csv").open("w", newline="") as fh:
-        cells = cdr_synth.cells(1, date(2024, 3, 4))
-        writer = csv.DictWriter(fh, fieldnames=list(cells[0]))
-        writer.writeheader()
-        writer.writerows(cells)
-    (tmp_path / "admin2.geojson").write_text(json.dumps(cdr_synth.admin_geojson("admin2")))
-    cfg = load_config("demo", overrides=[f"lakehouse.root={tmp_path / 'lake'}", "period.start=2024-03-04",
-                                         "period.end=2024-03-10"])
-    cfg = cfg.model_copy(update={"cdr": cfg.cdr.model_copy(update={
-        "inputs": [CdrInput(path=str(folder), event_type="call")],
-        "cells_path": str(tmp_path / "cells.csv"),
-        "admin_paths": {"admin2": str(tmp_path / "admin2.geojson")}})})
+    cfg = cdr_config(tmp_path, [CdrInput(path=str(folder), event_type="call")])
     cdr_ingest.run(spark, cfg)
     lake = Lakehouse(spark, cfg.lakehouse.resolved_root())
     bronze = lake.read("bronze.cdr_events").toPandas()
