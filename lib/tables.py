@@ -134,6 +134,11 @@ def _sql_literal(value: Any) -> str:
     return f"'{text}'"
 
 
+def _same_rule(current: str | None, registered: str) -> bool:
+    """A table's CHECK expression (as its properties hold it) is the registered one, spaces aside."""
+    return current is not None and current.replace(" ", "") == registered.replace(" ", "")
+
+
 def _quote(col: str) -> str:
     return "`" + col.replace("`", "``") + "`"
 
@@ -188,9 +193,11 @@ class Lakehouse:
 
         A new table gets its CHECK constraints in the creating commit (Delta keeps
         them as ``delta.constraints.*`` properties; an empty table has nothing to
-        validate). An existing table is brought to the registered schema and gets
+        validate). An existing table is brought to the registered schema, gets
         any missing constraint with ALTER TABLE ADD CONSTRAINT, which first checks
-        the rows already there.
+        the rows already there, and any rule that differs from the registered one
+        swapped back the same way (if the rows break it: an error naming the
+        table and the rule, and the table's own rule stays).
         """
         s = spec(name)
         location = self.location(name)
@@ -212,8 +219,19 @@ class Lakehouse:
         self._evolve(name, table)
         present = self.properties(name)
         for cname, expr in s.constraints.items():
-            if f"delta.constraints.{cname.lower()}" not in present:
+            current = present.get(f"delta.constraints.{cname.lower()}")
+            if current is None:
                 self.spark.sql(f"ALTER TABLE delta.`{location}` ADD CONSTRAINT {cname} CHECK ({expr})")
+            elif not _same_rule(current, expr):
+                # The rule was changed: in the registry (a new release threshold), or in the table by someone
+                # else (a weaker rule under the same name). The registered rule goes back, if the rows allow.
+                self.spark.sql(f"ALTER TABLE delta.`{location}` DROP CONSTRAINT {cname}")
+                try:
+                    self.spark.sql(f"ALTER TABLE delta.`{location}` ADD CONSTRAINT {cname} CHECK ({expr})")
+                except Exception as exc:  # noqa: BLE001 - rows already there violate the registered rule
+                    self.spark.sql(f"ALTER TABLE delta.`{location}` ADD CONSTRAINT {cname} CHECK ({current})")
+                    raise TableError(f"{name}: rows already there violate the registered rule {cname} "
+                                     f"'{expr}' (the table has '{current}'): {exc}") from None
         return table
 
     def _log_metadata(self, name: str) -> tuple[T.StructType, dict[str, str]]:
@@ -236,7 +254,8 @@ class Lakehouse:
         columns, in order, of the registered types, and every registered constraint present."""
         have = [(f.name, f.dataType) for f in schema.fields]
         want = [(f.name, f.dataType) for f in s.schema.fields]
-        return have == want and all(f"delta.constraints.{c.lower()}" in props for c in s.constraints)
+        return have == want and all(_same_rule(props.get(f"delta.constraints.{c.lower()}"), expr)
+                                    for c, expr in s.constraints.items())
 
     def _evolve(self, name: str, table: DeltaTable) -> None:
         """Bring an existing table to the registered schema: new nullable columns are added
@@ -385,25 +404,13 @@ class Lakehouse:
         self.spark.sql(f"ALTER TABLE delta.`{self.location(name)}` SET TBLPROPERTIES ({items})")
 
     def sync_constraints(self, name: str) -> None:
-        """Make the table's CHECK constraints those of its spec (a registered rule may have changed).
+        """Make the table's CHECK constraints those of its spec (a registered rule may have changed), before any
+        write: what :meth:`ensure` does, which every write calls.
 
         A changed rule is swapped only when every row already there satisfies it; otherwise the old
         rule stays and the error names the table and the rule.
         """
-        s = spec(name)
         self.ensure(name)
-        props = self.properties(name)
-        loc = self.location(name)
-        for cname, expr in s.constraints.items():
-            current = props.get(f"delta.constraints.{cname.lower()}")
-            if current is None or current.replace(" ", "") == expr.replace(" ", ""):
-                continue
-            self.spark.sql(f"ALTER TABLE delta.`{loc}` DROP CONSTRAINT {cname}")
-            try:
-                self.spark.sql(f"ALTER TABLE delta.`{loc}` ADD CONSTRAINT {cname} CHECK ({expr})")
-            except Exception as exc:  # noqa: BLE001 - existing rows violate the new rule
-                self.spark.sql(f"ALTER TABLE delta.`{loc}` ADD CONSTRAINT {cname} CHECK ({current})")
-                raise TableError(f"{name}: rows already there violate the new rule '{expr}': {exc}") from None
 
     def write(
         self,
