@@ -251,7 +251,7 @@ class Lakehouse:
     @staticmethod
     def _is_registered_form(s: TableSpec, schema: T.StructType, props: Mapping[str, str]) -> bool:
         """True when ensure() has nothing to do on a table of this schema and these properties: the registered
-        columns, in order, of the registered types, and every registered constraint present."""
+        columns, in order, of the registered types, and every registered constraint there with its registered rule."""
         have = [(f.name, f.dataType) for f in schema.fields]
         want = [(f.name, f.dataType) for f in s.schema.fields]
         return have == want and all(_same_rule(props.get(f"delta.constraints.{c.lower()}"), expr)
