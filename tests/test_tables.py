@@ -151,13 +151,20 @@ def test_a_constraint_dropped_between_writes_is_put_back(spark: SparkSession, la
     assert lake.properties("silver.test_measures")["delta.constraints.count_at_least_one"] == "n_subscribers >= 1"
 
 
-def test_a_constraint_weakened_under_its_own_name_is_put_back(spark: SparkSession, lake: Lakehouse) -> None:
-    # An insider swaps the CHECK rule for a weaker one under the same name, so that a check for the name alone
-    # passes: the next write through the registry compares the rule itself, restores it and rejects the row.
+def weaken_the_rule(spark: SparkSession, lake: Lakehouse) -> str:
+    """One row written, then the table's count_at_least_one rule swapped for a weaker one under the same name (what
+    an insider with write access to the table can do outside the registry); the table's location."""
     loc = lake.location("silver.test_measures")
     lake.write(rows(spark, [(D1, "a", 20)]), "silver.test_measures")
     spark.sql(f"ALTER TABLE delta.`{loc}` DROP CONSTRAINT count_at_least_one")
     spark.sql(f"ALTER TABLE delta.`{loc}` ADD CONSTRAINT count_at_least_one CHECK (n_subscribers >= 0)")
+    return loc
+
+
+def test_a_constraint_weakened_under_its_own_name_is_put_back(spark: SparkSession, lake: Lakehouse) -> None:
+    # A check for the rule's name alone passes: the next write through the registry compares the rule itself,
+    # restores it and rejects the row.
+    weaken_the_rule(spark, lake)
     with pytest.raises(Exception, match="count_at_least_one"):
         lake.write(rows(spark, [(D2, "b", 0)]), "silver.test_measures", mode="append")
     assert content(lake) == [(D1, "a", 20)]
@@ -167,10 +174,7 @@ def test_a_constraint_weakened_under_its_own_name_is_put_back(spark: SparkSessio
 def test_a_registered_rule_the_rows_break_is_refused_by_name(spark: SparkSession, lake: Lakehouse) -> None:
     # The table's rule is weaker than the registered one and a row already there breaks the registered rule:
     # the write stops with an error naming the table and the rule, and the table keeps its rows and its rule.
-    loc = lake.location("silver.test_measures")
-    lake.write(rows(spark, [(D1, "a", 20)]), "silver.test_measures")
-    spark.sql(f"ALTER TABLE delta.`{loc}` DROP CONSTRAINT count_at_least_one")
-    spark.sql(f"ALTER TABLE delta.`{loc}` ADD CONSTRAINT count_at_least_one CHECK (n_subscribers >= 0)")
+    loc = weaken_the_rule(spark, lake)
     spark.sql(f"INSERT INTO delta.`{loc}` VALUES (DATE'2024-03-02', 'b', 0)")
     with pytest.raises(TableError, match="silver.test_measures: rows already there violate the registered rule "
                                          "count_at_least_one"):
