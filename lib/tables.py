@@ -238,15 +238,19 @@ class Lakehouse:
         """An existing table's latest schema and properties, from its Delta snapshot's metadata on the driver:
         no SQL statement to analyse (CREATE TABLE IF NOT EXISTS, SHOW TBLPROPERTIES), which on a warm driver
         halves the cost of ensure() and properties() on an existing table."""
+        metadata = self._snapshot(name).metadata()
+        schema = T.StructType.fromJson(json.loads(metadata.schemaString()))
+        jvm = self.spark.sparkContext._jvm  # noqa: SLF001
+        conf = jvm.scala.jdk.javaapi.CollectionConverters.asJava(metadata.configuration())  # type: ignore[union-attr]
+        return schema, {str(k): str(conf.get(k)) for k in conf.keySet()}
+
+    def _snapshot(self, name: str) -> Any:
+        """The table's latest Delta snapshot (a JVM object), brought up to date from its log on the driver."""
         jvm = self.spark.sparkContext._jvm  # noqa: SLF001
         log_ = jvm.org.apache.spark.sql.delta.DeltaLog.forTable(  # type: ignore[union-attr]
             self.spark._jsparkSession, self.location(name))  # noqa: SLF001
         none = jvm.scala.Option.empty()  # type: ignore[union-attr]
-        snapshot = log_.update(False, none, none)
-        metadata = snapshot.metadata()
-        schema = T.StructType.fromJson(json.loads(metadata.schemaString()))
-        conf = jvm.scala.jdk.javaapi.CollectionConverters.asJava(metadata.configuration())  # type: ignore[union-attr]
-        return schema, {str(k): str(conf.get(k)) for k in conf.keySet()}
+        return log_.update(False, none, none)
 
     @staticmethod
     def _is_registered_form(s: TableSpec, schema: T.StructType, props: Mapping[str, str]) -> bool:
@@ -540,11 +544,7 @@ class Lakehouse:
         """The table's latest version, from its Delta log (a listing of the log, no Spark job)."""
         if not self.exists(name):
             raise TableError(f"table {name} does not exist yet at {self.location(name)}")
-        jvm = self.spark.sparkContext._jvm  # noqa: SLF001
-        log_ = jvm.org.apache.spark.sql.delta.DeltaLog.forTable(  # type: ignore[union-attr]
-            self.spark._jsparkSession, self.location(name))  # noqa: SLF001
-        none = jvm.scala.Option.empty()  # type: ignore[union-attr]
-        return int(log_.update(False, none, none).version())
+        return int(self._snapshot(name).version())
 
     def last_commit(self, name: str) -> tuple[int, dict[str, Any]]:
         """The latest version and its commitInfo."""
