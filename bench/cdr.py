@@ -14,7 +14,11 @@
    Spark SQL in the same session (no Delta, quarantine or other tables), timed
    and compared with the reference too: what Spark alone needs for that work
    here (spark_sql_floor_seconds, floor_ratio against DuckDB, pipeline_floor_ratio:
-   the pipeline's seconds over the floor's).
+   the pipeline's seconds over the floor's). Then the same statements once more
+   with the deduplicated events also written once, both parties pseudonymised,
+   as Parquet partitioned by date (spark_sql_floor_rows_seconds,
+   floor_rows_ratio: over the floor): the least a pipeline that keeps its
+   events adds to the floor; its row count is checked against bronze.cdr_events.
 5. With --incremental: one more day is generated and held back; after the timed
    run over the D days, that day is ingested and ``cdr.mobility --incremental``
    adds it (incremental_seconds, incremental_ratio: over the D-day run), then a
@@ -218,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         .select("subscriber_id", "home_unit", "n_days_home", "n_days_seen").write.parquet(str(out / "homes"))
     lake.read("gold.cdr_od_daily").select("date", "origin", "destination", "n_subscribers") \
         .write.parquet(str(out / "od_daily"))
+    bronze_rows = lake.read("bronze.cdr_events").count()
     jvm_peak = jvm_peak_rss_mb(spark)
     incremental = incremental_day(spark, run_cfg, work, new_day, spark_seconds) if new_day is not None else {}
 
@@ -225,17 +230,25 @@ def main(argv: list[str] | None = None) -> int:
     start, end = run_cfg.period.start, run_cfg.period.end
     assert start is not None and end is not None
     b_start, b_end = mobility.baseline_window(start, end, c.event_date, c.baseline_days)
-    floor_seconds = None
+    floor_seconds = floor_rows_seconds = None
+    floor_rows_events = 0
     if a.floor:
         from bench import cdr_spark_sql
 
-        floor_seconds = cdr_spark_sql.run(
-            spark, inputs=cdr_dir, cells=cdr_dir / "cells.csv", admin2=cdr_dir / "admin2.geojson",
-            start=str(start), end=str(end), n_days=(end - start).days + 1, baseline_start=str(b_start),
-            baseline_end=str(b_end), min_events=c.min_events, max_mean=c.max_mean_events_per_day,
-            max_day=c.max_events_single_day, home_min_days=c.home_min_days,
-            key=os.environ["MIGRALAKE_PSEUDONYM_KEY"].encode("utf-8"), out=work / "floor_out")
+        def floor(out: Path, with_rows: bool) -> float:
+            return cdr_spark_sql.run(
+                spark, inputs=cdr_dir, cells=cdr_dir / "cells.csv", admin2=cdr_dir / "admin2.geojson",
+                start=str(start), end=str(end), n_days=(end - start).days + 1, baseline_start=str(b_start),
+                baseline_end=str(b_end), min_events=c.min_events, max_mean=c.max_mean_events_per_day,
+                max_day=c.max_events_single_day, home_min_days=c.home_min_days,
+                key=os.environ["MIGRALAKE_PSEUDONYM_KEY"].encode("utf-8"), out=out, with_rows=with_rows)
+
+        floor_seconds = floor(work / "floor_out", False)
         print(f"bench cdr: bare Spark SQL floor {floor_seconds:.1f} s", file=sys.stderr)
+        floor_rows_seconds = floor(work / "floor_rows_out", True)
+        floor_rows_events = spark.read.parquet(str(work / "floor_rows_out" / "events")).count()
+        print(f"bench cdr: the floor with its {floor_rows_events:,} events written once {floor_rows_seconds:.1f} s "
+              f"(bronze.cdr_events holds {bronze_rows:,})", file=sys.stderr)
     spark.stop()
     python_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cmd = [
@@ -246,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "--min-events", str(c.min_events), "--max-mean", str(c.max_mean_events_per_day),
         "--max-day", str(c.max_events_single_day), "--home-min-days", str(c.home_min_days),
         "--out", str(work / "reference_out"), "--spark-out", str(out),
-    ] + (["--floor-out", str(work / "floor_out")] if a.floor else [])
+    ] + (["--floor-out", str(work / "floor_out"), "--floor-out", str(work / "floor_rows_out")] if a.floor else [])
     if c.home_night_hours != (19, 7) or c.daily_location_rule != "last" or c.hours is not None \
             or c.spatial_unit != "admin2":
         raise SystemExit("bench cdr: the reference implements the default rules only")
@@ -272,8 +285,14 @@ def main(argv: list[str] | None = None) -> int:
         **({"spark_sql_floor_seconds": round(floor_seconds, 2),
             "floor_ratio": round(floor_seconds / ref_s, 2) if ref_s else None,
             "pipeline_floor_ratio": round(spark_seconds / floor_seconds, 2),
-            "floor_identical": all(v == 0 for v in ref["floor_differences"].values()) if ref_s else None}
+            "floor_identical": all(v == 0 for d in ref["floor_differences"] for v in d.values())
+            if ref_s else None}
            if floor_seconds is not None else {}),
+        **({"spark_sql_floor_rows_seconds": round(floor_rows_seconds, 2),
+            "floor_rows_ratio": round(floor_rows_seconds / floor_seconds, 2),
+            "floor_rows_events": floor_rows_events, "bronze_rows": bronze_rows,
+            "floor_rows_match_bronze": floor_rows_events == bronze_rows}
+           if floor_rows_seconds is not None and floor_seconds is not None else {}),
         **incremental,
         "rows": ref["rows"],
         "differences": ref["differences"],
@@ -287,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         "cores": os.cpu_count(),
     }
     print(json.dumps(result))
-    return 0 if result["identical"] is not False and result.get("incremental_identical", True) else 1
+    checks = ("identical", "floor_identical", "floor_rows_match_bronze", "incremental_identical")
+    return 1 if any(result.get(k) is False for k in checks) else 0
 
 
 if __name__ == "__main__":

@@ -166,7 +166,8 @@ def main() -> None:
     p.add_argument("--max-mean", type=float, required=True)
     p.add_argument("--max-day", type=int, required=True)
     p.add_argument("--home-min-days", type=int, required=True)
-    p.add_argument("--floor-out", default=None, help="also compare these results (bench/cdr_spark_sql.py)")
+    p.add_argument("--floor-out", action="append", default=[],
+                   help="also compare these results (bench/cdr_spark_sql.py); may be given more than once")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     a = p.parse_args()
     key = os.environ["MIGRALAKE_PSEUDONYM_KEY"].encode("utf-8")
@@ -176,7 +177,7 @@ def main() -> None:
     rows = compute(con, a, key)
     seconds = time.perf_counter() - t0
     diffs = compare(con, Path(a.out), Path(a.spark_out))
-    floor = compare(con, Path(a.out), Path(a.floor_out)) if a.floor_out else None
+    floor = [compare(con, Path(a.out), Path(f)) for f in a.floor_out] if a.floor_out else None
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"reference_seconds": round(seconds, 2), "rows": rows, "differences": diffs,
                       "floor_differences": floor, "reference_peak_rss_mb": round(peak_mb, 1)}))

@@ -23,10 +23,16 @@ from bench.cdr_reference import district_boxes, pads
 
 def run(spark: SparkSession, *, inputs: Path, cells: Path, admin2: Path, start: str, end: str, n_days: int,
         baseline_start: str, baseline_end: str, min_events: int, max_mean: float, max_day: int,
-        home_min_days: int, key: bytes, out: Path) -> float:
+        home_min_days: int, key: bytes, out: Path, with_rows: bool = False) -> float:
     """Compute daily locations, baseline homes and the consecutive-day OD matrix; return the seconds taken.
 
     The key's pads reach the query as a one-row relation, not as literals, so the key stays out of the plans.
+
+    ``with_rows``: the same work split in two steps the way the pipeline's jobs split it. The first writes every
+    valid, deduplicated, located event once, both parties pseudonymised, as Parquet partitioned by date
+    (``out/events``: a bronze table without Delta, quarantine or constraints); the second reads those files back
+    and computes the three results from them, over pseudonyms. The least any pipeline that keeps its events and
+    computes mobility from them adds to the floor; still none of the pipeline's other tables.
     """
     ipad, opad = pads(key)
     t0 = time.perf_counter()
@@ -61,18 +67,34 @@ def run(spark: SparkSession, *, inputs: Path, cells: Path, admin2: Path, start: 
         WHERE ts IS NOT NULL AND m IS NOT NULL AND m <> '' AND m RLIKE '^[0-9]{{6,15}}$'
           AND CAST(ts AS DATE) BETWEEN DATE '{start}' AND DATE '{end}'
     """).createOrReplaceTempView("valid")
-    spark.sql("""
+    located = """
         SELECT v.m, v.ts, v.d, c.unit
         FROM valid v JOIN cells c
           ON v.cell_id = c.cell_id AND (c.valid_from IS NULL OR v.d >= c.valid_from)
          AND (c.valid_to IS NULL OR v.d <= c.valid_to)
-    """).cache().createOrReplaceTempView("located")
+    """
+    if with_rows:
+        def hmac(col: str) -> str:
+            return f"sha2(concat(p.opad, unhex(sha2(concat(p.ipad, encode({col}, 'UTF-8')), 256))), 256)"
+
+        spark.sql(f"""
+            SELECT v.ts AS event_time, {hmac('v.m')} AS subscriber_id,
+                   CASE WHEN v.cp IS NOT NULL THEN {hmac('v.cp')} END AS counterpart_id,
+                   v.cell_id, v.event_type, v.outgoing, v.duration, v.d AS event_date
+            FROM valid v LEFT SEMI JOIN cells c
+              ON v.cell_id = c.cell_id AND (c.valid_from IS NULL OR v.d >= c.valid_from)
+             AND (c.valid_to IS NULL OR v.d <= c.valid_to)
+            CROSS JOIN hmac_pads p
+        """).write.mode("overwrite").partitionBy("event_date").parquet(str(out / "events"))
+        spark.read.parquet(str(out / "events")).selectExpr(
+            "subscriber_id AS m", "event_time AS ts", "event_date AS d", "cell_id").createOrReplaceTempView("valid")
+    spark.sql(located).cache().createOrReplaceTempView("located")
     spark.sql("SELECT m, d, count(*) AS n FROM located GROUP BY m, d").createOrReplaceTempView("per_day")
     spark.sql(f"""
         SELECT m FROM per_day GROUP BY m
         HAVING sum(n) >= {min_events} AND sum(n) / {n_days} <= {max_mean} AND max(n) <= {max_day}
     """).createOrReplaceTempView("active")
-    spark.sql("""
+    spark.sql("SELECT m, m AS subscriber_id FROM active" if with_rows else """
         SELECT m, sha2(concat(p.opad, unhex(sha2(concat(p.ipad, encode(m, 'UTF-8')), 256))), 256) AS subscriber_id
         FROM active CROSS JOIN hmac_pads p
     """).createOrReplaceTempView("ids")
