@@ -14,9 +14,10 @@
    Spark SQL in the same session (no Delta, quarantine or other tables), timed
    and compared with the reference too: what Spark alone needs for that work
    here (spark_sql_floor_seconds, floor_ratio against DuckDB, pipeline_floor_ratio:
-   the pipeline's seconds over the floor's). Then the same statements once more
-   with the deduplicated events also written once, both parties pseudonymised,
-   as Parquet partitioned by date (spark_sql_floor_rows_seconds,
+   the pipeline's seconds over the floor's). Then the same statements split in
+   two steps like the pipeline's two jobs: the deduplicated, located events
+   written once, both parties pseudonymised, as Parquet partitioned by date,
+   then read back for the three results (spark_sql_floor_rows_seconds,
    floor_rows_ratio: over the floor): the least a pipeline that keeps its
    events adds to the floor; its row count is checked against bronze.cdr_events.
 5. With --incremental: one more day is generated and held back; after the timed
