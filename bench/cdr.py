@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         .select("subscriber_id", "home_unit", "n_days_home", "n_days_seen").write.parquet(str(out / "homes"))
     lake.read("gold.cdr_od_daily").select("date", "origin", "destination", "n_subscribers") \
         .write.parquet(str(out / "od_daily"))
-    bronze_rows = lake.read("bronze.cdr_events").count()
+    bronze_rows = lake.read("bronze.cdr_events").count() if a.floor else 0  # before the day is added
     jvm_peak = jvm_peak_rss_mb(spark)
     incremental = incremental_day(spark, run_cfg, work, new_day, spark_seconds) if new_day is not None else {}
 

@@ -67,37 +67,34 @@ def run(spark: SparkSession, *, inputs: Path, cells: Path, admin2: Path, start: 
         WHERE ts IS NOT NULL AND m IS NOT NULL AND m <> '' AND m RLIKE '^[0-9]{{6,15}}$'
           AND CAST(ts AS DATE) BETWEEN DATE '{start}' AND DATE '{end}'
     """).createOrReplaceTempView("valid")
-    located = """
-        SELECT v.m, v.ts, v.d, c.unit
-        FROM valid v JOIN cells c
-          ON v.cell_id = c.cell_id AND (c.valid_from IS NULL OR v.d >= c.valid_from)
-         AND (c.valid_to IS NULL OR v.d <= c.valid_to)
-    """
-    if with_rows:
-        def hmac(col: str) -> str:
-            return f"sha2(concat(p.opad, unhex(sha2(concat(p.ipad, encode({col}, 'UTF-8')), 256))), 256)"
+    # An event's cell, valid on the event's date.
+    on_valid_cell = """v.cell_id = c.cell_id AND (c.valid_from IS NULL OR v.d >= c.valid_from)
+         AND (c.valid_to IS NULL OR v.d <= c.valid_to)"""
 
+    def hmac(col: str) -> str:
+        """HMAC-SHA256 of a column with the pads of the one-row relation ``hmac_pads p``, as 64 hex characters."""
+        return f"sha2(concat(p.opad, unhex(sha2(concat(p.ipad, encode({col}, 'UTF-8')), 256))), 256)"
+
+    if with_rows:
         spark.sql(f"""
             SELECT v.ts AS event_time, {hmac('v.m')} AS subscriber_id,
                    CASE WHEN v.cp IS NOT NULL THEN {hmac('v.cp')} END AS counterpart_id,
                    v.cell_id, v.event_type, v.outgoing, v.duration, v.d AS event_date
-            FROM valid v LEFT SEMI JOIN cells c
-              ON v.cell_id = c.cell_id AND (c.valid_from IS NULL OR v.d >= c.valid_from)
-             AND (c.valid_to IS NULL OR v.d <= c.valid_to)
+            FROM valid v LEFT SEMI JOIN cells c ON {on_valid_cell}
             CROSS JOIN hmac_pads p
         """).write.mode("overwrite").partitionBy("event_date").parquet(str(out / "events"))
         spark.read.parquet(str(out / "events")).selectExpr(
             "subscriber_id AS m", "event_time AS ts", "event_date AS d", "cell_id").createOrReplaceTempView("valid")
-    spark.sql(located).cache().createOrReplaceTempView("located")
+    spark.sql(f"SELECT v.m, v.ts, v.d, c.unit FROM valid v JOIN cells c ON {on_valid_cell}") \
+        .cache().createOrReplaceTempView("located")
     spark.sql("SELECT m, d, count(*) AS n FROM located GROUP BY m, d").createOrReplaceTempView("per_day")
     spark.sql(f"""
         SELECT m FROM per_day GROUP BY m
         HAVING sum(n) >= {min_events} AND sum(n) / {n_days} <= {max_mean} AND max(n) <= {max_day}
     """).createOrReplaceTempView("active")
-    spark.sql("SELECT m, m AS subscriber_id FROM active" if with_rows else """
-        SELECT m, sha2(concat(p.opad, unhex(sha2(concat(p.ipad, encode(m, 'UTF-8')), 256))), 256) AS subscriber_id
-        FROM active CROSS JOIN hmac_pads p
-    """).createOrReplaceTempView("ids")
+    spark.sql("SELECT m, m AS subscriber_id FROM active" if with_rows
+              else f"SELECT m, {hmac('m')} AS subscriber_id FROM active CROSS JOIN hmac_pads p") \
+        .createOrReplaceTempView("ids")
 
     def daily(name: str, where: str) -> None:
         spark.sql(f"""
