@@ -513,8 +513,8 @@ def ensure(data: Path, link: Path = LINK, settings: dict[str, Any] | None = None
     if (target / "training_report.json").exists():
         readable(target)  # a model built before this rule
     else:
-        print(f"[train] building the offline sentiment model into {target} (once per machine; about 8-12 "
-              "minutes on 2 cores)", file=sys.stderr, flush=True)
+        print(f"[train] building the offline sentiment model into {target} (once per machine; 8 to 17 "
+              "minutes on 2 cores, by CPU)", file=sys.stderr, flush=True)
         build(data, target, settings, root / "downloads")
         built = True
     link.parent.mkdir(parents=True, exist_ok=True)
